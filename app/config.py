@@ -1,0 +1,60 @@
+"""One settings object, read from environment variables.
+
+`DATABASE_URL` is read without a prefix (it is the conventional name); everything
+else is `FLEET_*`.  Every default runs: out of the box the service uses a SQLite
+file in the working directory.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./fleetbridge.db"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
+
+    database_url: str = Field(
+        default=DEFAULT_DATABASE_URL,
+        validation_alias=AliasChoices("DATABASE_URL", "FLEET_DATABASE_URL"),
+    )
+    # Echo every stage change of a tracker-linked job back onto its item.
+    tracker_echo: bool = False
+
+    # Leases and the scheduler.
+    lease_seconds: int = Field(default=300, ge=5, le=86_400)
+    aging_seconds: int = Field(default=600, ge=1)
+    retry_backoff_seconds: float = Field(default=30.0, ge=0)
+    retry_backoff_max_seconds: float = Field(default=3_600.0, ge=0)
+
+    # Background loops (lease reaper, echo sweeper, event retention).
+    reaper_interval_seconds: float = Field(default=5.0, gt=0)
+    echo_sweep_interval_seconds: float = Field(default=10.0, gt=0)
+    echo_sweep_max_backoff_seconds: float = Field(default=300.0, gt=0)
+    event_retention_seconds: int = Field(default=7 * 24 * 3_600, ge=60)
+    background_loops: bool = True
+
+    # Subscriptions.
+    subscriber_queue_size: int = Field(default=1_000, ge=1)
+    max_subscriptions_per_connection: int = Field(default=20, ge=1)
+    connection_init_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65_535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    graphiql: bool = True
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,196 @@
+"""All queries on jobs.  Every query is scoped to one product unless it says otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import Case, Select, and_, case, or_, select, tuple_, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.fleet.models import Job, JobStage, Priority
+from app.fleet.scheduler import Candidate, WorkerProfile, is_eligible
+from app.fleet.stages import ACTIVE_STAGES
+from app.tracker.models import Item, ItemStatus
+
+# How many queued jobs of one priority the claim reads at a time while looking for
+# one whose capabilities the worker has.  Larger windows cost more per read; the
+# scan goes on window after window, so an eligible job is never missed.
+CLAIM_WINDOW = 64
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
+async def get_job(
+    session: AsyncSession, product_id: str, job_id: int, *, for_update: bool = False
+) -> Job | None:
+    stmt = select(Job).where(Job.product_id == product_id, Job.id == job_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def get_jobs(session: AsyncSession, product_id: str, ids: Sequence[int]) -> Sequence[Job]:
+    stmt = select(Job).where(Job.product_id == product_id, Job.id.in_(ids))
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def jobs_for_items(
+    session: AsyncSession, product_id: str, item_ids: Sequence[int]
+) -> Sequence[Job]:
+    stmt = (
+        select(Job)
+        .where(Job.product_id == product_id, Job.tracker_item_id.in_(item_ids))
+        .order_by(Job.id)
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def get_by_idempotency_key(session: AsyncSession, product_id: str, key: str) -> Job | None:
+    stmt = select(Job).where(Job.product_id == product_id, Job.idempotency_key == key)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def list_jobs(
+    session: AsyncSession,
+    product_id: str,
+    *,
+    stage: JobStage | None,
+    tracker_item_id: int | None,
+    after_id: int | None,
+    limit: int,
+) -> Sequence[Job]:
+    stmt = select(Job).where(Job.product_id == product_id)
+    if stage is not None:
+        stmt = stmt.where(Job.stage == stage)
+    if tracker_item_id is not None:
+        stmt = stmt.where(Job.tracker_item_id == tracker_item_id)
+    if after_id is not None:
+        stmt = stmt.where(Job.id > after_id)
+    return (await session.execute(stmt.order_by(Job.id).limit(limit))).scalars().all()
+
+
+def _queue_of(product_id: str, priority: Priority, worker: WorkerProfile, now: datetime,
+              postgres: bool) -> Select[tuple[Job]]:
+    """Queued, due jobs of one priority that match the worker's engine class and
+    profile, in scheduler order; on PostgreSQL the capability subset test too."""
+    stmt = select(Job).where(
+        Job.product_id == product_id,
+        Job.stage == JobStage.QUEUED,
+        Job.priority == priority,
+        Job.queued_at <= now,
+        or_(Job.engine_class.is_(None), Job.engine_class.in_(sorted(worker.engine_classes))),
+        or_(Job.profile.is_(None), Job.profile.in_(sorted(worker.profiles))),
+    )
+    if postgres:
+        stmt = stmt.where(
+            type_coerce(Job.capabilities, JSONB).contained_by(sorted(worker.capabilities))
+        )
+    return stmt.order_by(Job.queued_at, Job.id)
+
+
+async def claim_candidates(
+    session: AsyncSession, product_id: str, worker: WorkerProfile, now: datetime,
+    *, window: int = CLAIM_WINDOW,
+) -> list[Job]:
+    """The first eligible job of each priority (at most four), for the scheduler to
+    choose from.  Each read walks the claim index `(product, stage, priority,
+    queued_at, id)`, so its cost does not grow with the length of the queue.
+
+    On PostgreSQL the heads are locked `FOR UPDATE SKIP LOCKED`: a concurrent claimer
+    passes over them instead of waiting, and can never take the same job.  On SQLite
+    the caller's transaction already holds the write lock.
+    """
+    postgres = _dialect(session) == "postgresql"
+    heads: list[Job] = []
+    for priority in Priority:
+        stmt = _queue_of(product_id, priority, worker, now, postgres)
+        if postgres:
+            stmt = stmt.limit(1).with_for_update(skip_locked=True)
+            head = (await session.execute(stmt)).scalar_one_or_none()
+            if head is not None:
+                heads.append(head)
+            continue
+        after: tuple[datetime, int] | None = None
+        while True:
+            page_stmt = stmt
+            if after is not None:
+                page_stmt = page_stmt.where(tuple_(Job.queued_at, Job.id) > tuple_(*after))
+            page = (await session.execute(page_stmt.limit(window))).scalars().all()
+            head = next(
+                (job for job in page if is_eligible(to_candidate(job), worker, now)), None
+            )
+            if head is not None:
+                heads.append(head)
+                break
+            if len(page) < window:
+                break
+            after = (page[-1].queued_at, page[-1].id)
+    return heads
+
+
+async def expired_leases(session: AsyncSession, now: datetime, limit: int) -> Sequence[Job]:
+    """Jobs of any product whose lease has run out, locked for the reaper."""
+    stmt = (
+        select(Job)
+        .where(Job.stage.in_(ACTIVE_STAGES), Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+def item_status_of_stage() -> Case[str]:
+    """SQL mirror of `app.bridge.mapping.item_status_for_stage`."""
+    return case(
+        (Job.stage.in_([JobStage.QUEUED, *ACTIVE_STAGES]), ItemStatus.IN_PROGRESS.value),
+        (Job.stage == JobStage.SHIPPED, ItemStatus.DONE.value),
+        (Job.stage == JobStage.FAILED, ItemStatus.BLOCKED.value),
+        else_=None,
+    )
+
+
+async def echo_backlog(
+    session: AsyncSession, now: datetime, limit: int, *, every_stage_change: bool
+) -> Sequence[tuple[str, int]]:
+    """(product, job id) of tracker-linked jobs whose item has not caught up yet.
+
+    With `every_stage_change` (FLEET_TRACKER_ECHO on) that is every such job whose
+    mapped status differs from the last one echoed; otherwise only jobs whose echo
+    failed before and is waiting for a retry.  Items a person cancelled are left alone.
+    """
+    mapped = item_status_of_stage()
+    stmt = (
+        select(Job.product_id, Job.id)
+        .join(Item, and_(Item.id == Job.tracker_item_id, Item.product_id == Job.product_id))
+        .where(
+            Job.tracker_item_id.is_not(None),
+            Item.status != ItemStatus.CANCELLED,
+            mapped.is_not(None),
+            or_(Job.last_echoed_status.is_(None), Job.last_echoed_status != mapped),
+            or_(Job.echo_retry_at.is_(None), Job.echo_retry_at <= now),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    if not every_stage_change:
+        stmt = stmt.where(Job.echo_retry_at.is_not(None))
+    return [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
+
+
+def to_candidate(job: Job) -> Candidate:
+    return Candidate(
+        id=job.id,
+        stage=job.stage,
+        priority=job.priority,
+        capabilities=frozenset(job.capabilities or ()),
+        engine_class=job.engine_class,
+        profile=job.profile,
+        eligible_since=job.queued_at,
+        not_before=job.not_before,
+    )
+

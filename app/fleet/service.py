@@ -1,0 +1,336 @@
+"""Fleet coordination: submit, claim, lease, transition, cancel, retry, reap.
+
+Services take an `AsyncSession` and never commit; the caller's unit of work does.
+Every check happens before the first write, so a refused call changes nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.errors import ConflictError, NotFoundError
+from app.events.models import EventType
+from app.events.outbox import record_event
+from app.fleet import repository
+from app.fleet.models import Job, JobStage, Priority
+from app.fleet.scheduler import WorkerProfile, select_job
+from app.fleet.stages import ACTIVE_STAGES, can_worker_move, is_terminal, retry_backoff_seconds
+from app.pagination import Page, decode_cursor, make_page
+from app.tracker import repository as tracker_repository
+
+JOB_CURSOR = "job"
+REAPED_REASON = "lease expired"
+
+
+class SubmitOutcome(enum.StrEnum):
+    CREATED = "CREATED"
+    DEDUPED = "DEDUPED"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetPolicy:
+    lease_seconds: int = 300
+    aging_seconds: int = 600
+    retry_backoff_seconds: float = 30.0
+    retry_backoff_max_seconds: float = 3_600.0
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    title: str
+    body_md: str
+    kind: str = "code"
+    priority: Priority = Priority.NORMAL
+    capabilities: tuple[str, ...] = ()
+    engine_class: str | None = None
+    profile: str | None = None
+    budget: float | None = None
+    max_attempts: int = 3
+    idempotency_key: str | None = None
+    tracker_item_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsDelta:
+    cost_usd: float = 0.0
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    job: Job
+    outcome: SubmitOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class ReapResult:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+
+
+class FleetService:
+    def __init__(self, policy: FleetPolicy) -> None:
+        self.policy = policy
+
+    # -- reads ---------------------------------------------------------------
+
+    async def get_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
+        job = await repository.get_job(session, product_id, job_id)
+        if job is None:
+            raise NotFoundError("job", job_id)
+        return job
+
+    async def list_jobs(
+        self,
+        session: AsyncSession,
+        product_id: str,
+        *,
+        stage: JobStage | None = None,
+        tracker_item_id: int | None = None,
+        first: int = 50,
+        after: str | None = None,
+    ) -> Page[Job]:
+        rows = await repository.list_jobs(
+            session, product_id, stage=stage, tracker_item_id=tracker_item_id,
+            after_id=decode_cursor(JOB_CURSOR, after), limit=first + 1,
+        )
+        return make_page(JOB_CURSOR, rows, first, lambda job: job.id)
+
+    # -- submit --------------------------------------------------------------
+
+    async def submit_job(self, session: AsyncSession, product_id: str, spec: JobSpec) -> SubmitResult:
+        """Create a job, or return the one already submitted under the same key."""
+        if spec.idempotency_key is not None:
+            existing = await repository.get_by_idempotency_key(
+                session, product_id, spec.idempotency_key
+            )
+            if existing is not None:
+                return SubmitResult(existing, SubmitOutcome.DEDUPED)
+        if spec.tracker_item_id is not None and await tracker_repository.get_item(
+            session, product_id, spec.tracker_item_id
+        ) is None:
+            raise NotFoundError("item", spec.tracker_item_id)
+
+        now = self._now()
+        job = Job(
+            product_id=product_id, title=spec.title, body_md=spec.body_md, kind=spec.kind,
+            stage=JobStage.QUEUED, priority=spec.priority, capabilities=list(spec.capabilities),
+            engine_class=spec.engine_class, profile=spec.profile, budget=spec.budget,
+            attempts=0, max_attempts=spec.max_attempts, tracker_item_id=spec.tracker_item_id,
+            idempotency_key=spec.idempotency_key, lease_fence=0, queued_at=now,
+            created_at=now, updated_at=now,
+        )
+        try:
+            async with session.begin_nested():
+                session.add(job)
+                await session.flush()
+        except IntegrityError:
+            # A concurrent submit with the same key won the race (PostgreSQL).
+            if spec.idempotency_key is None:
+                raise
+            existing = await repository.get_by_idempotency_key(
+                session, product_id, spec.idempotency_key
+            )
+            if existing is None:
+                raise
+            return SubmitResult(existing, SubmitOutcome.DEDUPED)
+        await self._record_stage(session, job, None)
+        return SubmitResult(job, SubmitOutcome.CREATED)
+
+    # -- the lease holder's calls -------------------------------------------
+
+    async def claim_next_job(
+        self,
+        session: AsyncSession,
+        product_id: str,
+        worker: WorkerProfile,
+        *,
+        lease_seconds: int | None = None,
+        now: datetime | None = None,
+    ) -> Job | None:
+        """Give `worker` the job the scheduler picks, under a new lease; None if none."""
+        now = now or self._now()
+        heads = await repository.claim_candidates(session, product_id, worker, now)
+        chosen = select_job(
+            (repository.to_candidate(job) for job in heads), worker, now,
+            self.policy.aging_seconds,
+        )
+        if chosen is None:
+            return None
+        job = next(job for job in heads if job.id == chosen.id)
+        job.stage = JobStage.ASSIGNED
+        job.attempts += 1
+        job.lease_fence += 1
+        job.lease_worker_id = worker.worker_id
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
+        job.not_before = None
+        job.started_at = job.started_at or now
+        job.updated_at = now
+        await self._record_stage(session, job, JobStage.QUEUED)
+        return job
+
+    async def heartbeat(
+        self, session: AsyncSession, product_id: str, job_id: int, fence: int,
+        *, lease_seconds: int | None = None,
+    ) -> Job:
+        now = self._now()
+        job = await self._held_job(session, product_id, job_id, fence, now)
+        job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
+        job.updated_at = now
+        await session.flush()
+        return job
+
+    async def transition_job(
+        self,
+        session: AsyncSession,
+        product_id: str,
+        job_id: int,
+        fence: int,
+        to: JobStage,
+        *,
+        metrics: MetricsDelta | None = None,
+        reason: str | None = None,
+        retryable: bool = False,
+    ) -> Job:
+        now = self._now()
+        job = await self._held_job(session, product_id, job_id, fence, now)
+        if not can_worker_move(job.stage, to):
+            raise ConflictError(f"a job may not move from {job.stage.value} to {to.value}")
+        if metrics is not None:
+            job.cost_usd += metrics.cost_usd
+            job.tokens_in += metrics.tokens_in
+            job.tokens_out += metrics.tokens_out
+        source = job.stage
+        if to == JobStage.FAILED:
+            job.failure_reason = reason
+            if retryable and job.attempts < job.max_attempts:
+                self._requeue(job, now)
+            else:
+                self._finish(job, JobStage.FAILED, now)
+        elif to == JobStage.SHIPPED:
+            self._finish(job, JobStage.SHIPPED, now)
+        else:
+            job.stage = to
+            job.updated_at = now
+        await self._record_stage(session, job, source)
+        return job
+
+    # -- a member's calls ----------------------------------------------------
+
+    async def cancel_job(
+        self, session: AsyncSession, product_id: str, job_id: int, reason: str | None = None
+    ) -> Job:
+        job = await self._locked_job(session, product_id, job_id)
+        if is_terminal(job.stage):
+            raise ConflictError(f"job {job_id} has already ended ({job.stage.value})")
+        source = job.stage
+        job.lease_fence += 1  # whoever holds it can no longer write
+        job.failure_reason = reason
+        self._finish(job, JobStage.CANCELLED, self._now())
+        await self._record_stage(session, job, source)
+        return job
+
+    async def retry_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
+        """Queue a FAILED or CANCELLED job again, with a fresh allowance of attempts."""
+        job = await self._locked_job(session, product_id, job_id)
+        if job.stage not in (JobStage.FAILED, JobStage.CANCELLED):
+            raise ConflictError(f"only FAILED or CANCELLED jobs can be retried, not {job.stage.value}")
+        source = job.stage
+        now = self._now()
+        job.stage = JobStage.QUEUED
+        job.attempts = 0
+        job.failure_reason = None
+        job.finished_at = None
+        job.not_before = None
+        job.queued_at = now
+        job.updated_at = now
+        await self._record_stage(session, job, source)
+        return job
+
+    # -- background ----------------------------------------------------------
+
+    async def reap_expired_leases(self, session: AsyncSession, *, limit: int = 100) -> ReapResult:
+        """Requeue (with backoff and a higher fence) or fail every job whose lease ran out."""
+        now = self._now()
+        result = ReapResult()
+        for job in await repository.expired_leases(session, now, limit):
+            source = job.stage
+            job.failure_reason = REAPED_REASON
+            if job.attempts < job.max_attempts:
+                self._requeue(job, now)
+                result.requeued.append(job.id)
+            else:
+                self._finish(job, JobStage.FAILED, now)
+                result.failed.append(job.id)
+            await self._record_stage(session, job, source)
+        return result
+
+    # -- helpers -------------------------------------------------------------
+
+    @staticmethod
+    def _now() -> datetime:
+        return utcnow()
+
+    async def _locked_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
+        job = await repository.get_job(session, product_id, job_id, for_update=True)
+        if job is None:
+            raise NotFoundError("job", job_id)
+        return job
+
+    async def _held_job(
+        self, session: AsyncSession, product_id: str, job_id: int, fence: int, now: datetime
+    ) -> Job:
+        """The job, if `fence` names its current, unexpired lease; CONFLICT otherwise."""
+        job = await self._locked_job(session, product_id, job_id)
+        if job.stage not in ACTIVE_STAGES:
+            raise ConflictError(f"job {job_id} is {job.stage.value}; no lease is held on it")
+        if fence != job.lease_fence:
+            raise ConflictError(f"stale fence {fence}; the current fence is {job.lease_fence}")
+        if job.lease_expires_at is None or job.lease_expires_at <= now:
+            raise ConflictError(f"the lease on job {job_id} has expired")
+        return job
+
+    def _requeue(self, job: Job, now: datetime) -> None:
+        delay = retry_backoff_seconds(
+            job.attempts, base=self.policy.retry_backoff_seconds,
+            cap=self.policy.retry_backoff_max_seconds,
+        )
+        job.stage = JobStage.QUEUED
+        job.lease_fence += 1
+        job.lease_worker_id = None
+        job.lease_expires_at = None
+        job.not_before = now + timedelta(seconds=delay)
+        job.queued_at = job.not_before
+        job.updated_at = now
+
+    @staticmethod
+    def _finish(job: Job, stage: JobStage, now: datetime) -> None:
+        job.stage = stage
+        job.lease_worker_id = None
+        job.lease_expires_at = None
+        job.finished_at = now
+        job.updated_at = now
+
+    @staticmethod
+    async def _record_stage(session: AsyncSession, job: Job, source: JobStage | None) -> None:
+        await session.flush()
+        payload: dict[str, Any] = {"attempts": job.attempts, "fence": job.lease_fence}
+        if job.tracker_item_id is not None:
+            payload["trackerItemId"] = job.tracker_item_id
+        await record_event(
+            session,
+            product_id=job.product_id,
+            type=EventType.JOB_CREATED if source is None else EventType.JOB_STAGE_CHANGED,
+            entity_id=job.id,
+            from_state=None if source is None else source.value,
+            to_state=job.stage.value,
+            payload=payload,
+        )

@@ -1,0 +1,42 @@
+"""The job stage graph (DESIGN §2) as pure rules."""
+
+from __future__ import annotations
+
+from app.fleet.models import JobStage
+
+ACTIVE_STAGES = frozenset(
+    {JobStage.ASSIGNED, JobStage.BUILDING, JobStage.REVIEW, JobStage.TESTING}
+)
+TERMINAL_STAGES = frozenset({JobStage.SHIPPED, JobStage.FAILED, JobStage.CANCELLED})
+
+# Moves a lease holder may make.  Forward stages may be skipped; REVIEW and TESTING
+# may go back to BUILDING for rework; every active stage may fail.
+_PIPELINE = (JobStage.ASSIGNED, JobStage.BUILDING, JobStage.REVIEW, JobStage.TESTING,
+             JobStage.SHIPPED)
+_REWORK_FROM = frozenset({JobStage.REVIEW, JobStage.TESTING})
+
+
+def worker_moves(stage: JobStage) -> frozenset[JobStage]:
+    """The stages a lease holder may move a job in `stage` to."""
+    if stage not in ACTIVE_STAGES:
+        return frozenset()
+    forward = _PIPELINE[_PIPELINE.index(stage) + 1 :]
+    moves = {*forward, JobStage.FAILED}
+    if stage in _REWORK_FROM:
+        moves.add(JobStage.BUILDING)
+    return frozenset(moves)
+
+
+def can_worker_move(source: JobStage, target: JobStage) -> bool:
+    return target in worker_moves(source)
+
+
+def is_terminal(stage: JobStage) -> bool:
+    return stage in TERMINAL_STAGES
+
+
+def retry_backoff_seconds(attempts: int, *, base: float, cap: float) -> float:
+    """Exponential backoff before attempt `attempts + 1`: base, 2·base, 4·base … ≤ cap."""
+    if attempts <= 0:
+        return 0.0
+    return float(min(cap, base * 2 ** min(attempts - 1, 32)))

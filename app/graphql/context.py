@@ -1,0 +1,87 @@
+"""Per-request GraphQL context: the services, the caller and per-request DataLoaders."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import Request
+from starlette.websockets import WebSocket
+from strawberry.dataloader import DataLoader
+
+from app.auth.service import Permission, Principal, require
+from app.bridge.service import BridgeService
+from app.config import Settings
+from app.events.hub import LocalHub
+from app.events.service import EventStreams
+from app.fleet.models import Job
+from app.fleet import repository as fleet_repository
+from app.fleet.service import FleetService
+from app.tracker import repository as tracker_repository
+from app.tracker.models import Item
+from app.uow import Database
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """Everything the app builds once at start-up (see app.main)."""
+
+    settings: Settings
+    db: Database
+    hub: LocalHub
+    fleet: FleetService
+    bridge: BridgeService
+    streams: EventStreams
+
+
+class Loaders:
+    """Batching loaders scoped to one product and one request."""
+
+    def __init__(self, db: Database, product_id: str) -> None:
+        self.db = db
+        self.product_id = product_id
+        self.item = DataLoader[int, Item | None](self._load_items)
+        self.jobs_of_item = DataLoader[int, list[Job]](self._load_jobs_of_items)
+
+    async def _load_items(self, ids: list[int]) -> list[Item | None]:
+        async with self.db.read() as session:
+            rows = await tracker_repository.get_items(session, self.product_id, ids)
+        by_id = {row.id: row for row in rows}
+        return [by_id.get(i) for i in ids]
+
+    async def _load_jobs_of_items(self, ids: list[int]) -> list[list[Job]]:
+        async with self.db.read() as session:
+            rows = await fleet_repository.jobs_for_items(session, self.product_id, ids)
+        grouped: dict[int, list[Job]] = {i: [] for i in ids}
+        for row in rows:
+            if row.tracker_item_id is not None:
+                grouped[row.tracker_item_id].append(row)
+        return [grouped[i] for i in ids]
+
+
+@dataclass
+class Context:
+    services: Services
+    request: Request | WebSocket
+    response: Any
+    principal: Principal | None = None
+    connection_params: dict[str, Any] | None = None
+    _loaders: Loaders | None = field(default=None, repr=False)
+
+    @property
+    def db(self) -> Database:
+        return self.services.db
+
+    def require(self, permission: Permission) -> Principal:
+        return require(self.principal, permission)
+
+    @property
+    def loaders(self) -> Loaders:
+        """Per-request loaders.  A websocket connection lives long and its data goes
+        stale, so there every use gets fresh loaders (no cache across events)."""
+        principal = self.require(Permission.READ)
+        if isinstance(self.request, WebSocket):
+            return Loaders(self.db, principal.product_id)
+        if self._loaders is None:
+            self._loaders = Loaders(self.db, principal.product_id)
+        return self._loaders

@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import strawberry
+from strawberry.types import Info
+
+from app.auth.service import Permission
+from app.events import repository as event_repository
+from app.events.outbox import encode_event_cursor
+from app.fleet import repository as fleet_repository
+from app.limits import LABEL_MAX, page_size, text
+from app.tracker import repository as tracker_repository
+from app.tracker import service as tracker_service
+
+from app.graphql.context import Context
+from app.graphql.ids import parse_id
+from app.graphql.types import Connection, Item, ItemStatus, Job, JobStage, Viewer, connection_of
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    async def viewer(self, info: Info[Context, None]) -> Viewer:
+        principal = info.context.require(Permission.READ)
+        async with info.context.db.read() as session:
+            last, _ = await event_repository.log_bounds(session, principal.product_id)
+        return Viewer(
+            product_id=principal.product_id,
+            role=principal.role,
+            event_cursor=encode_event_cursor(last) if last else None,
+        )
+
+    @strawberry.field
+    async def item(self, info: Info[Context, None], id: strawberry.ID) -> Item | None:
+        principal = info.context.require(Permission.READ)
+        item_id = parse_id(id)
+        if item_id is None:
+            return None
+        async with info.context.db.read() as session:
+            row = await tracker_repository.get_item(session, principal.product_id, item_id)
+        return Item.from_model(row) if row is not None else None
+
+    @strawberry.field
+    async def items(
+        self,
+        info: Info[Context, None],
+        status: ItemStatus | None = None,
+        label: str | None = None,
+        first: int | None = 50,
+        after: str | None = None,
+    ) -> Connection[Item]:
+        principal = info.context.require(Permission.READ)
+        if label is not None:
+            text("label", label, max_len=LABEL_MAX)
+        async with info.context.db.read() as session:
+            page = await tracker_service.list_items(
+                session, principal.product_id, status=status, label=label,
+                first=page_size(first), after=after,
+            )
+        return connection_of(page, [Item.from_model(row) for row in page.nodes])
+
+    @strawberry.field
+    async def job(self, info: Info[Context, None], id: strawberry.ID) -> Job | None:
+        principal = info.context.require(Permission.READ)
+        job_id = parse_id(id)
+        if job_id is None:
+            return None
+        async with info.context.db.read() as session:
+            row = await fleet_repository.get_job(session, principal.product_id, job_id)
+        return Job.from_model(row) if row is not None else None
+
+    @strawberry.field
+    async def jobs(
+        self,
+        info: Info[Context, None],
+        stage: JobStage | None = None,
+        tracker_item_id: strawberry.ID | None = None,
+        first: int | None = 50,
+        after: str | None = None,
+    ) -> Connection[Job]:
+        principal = info.context.require(Permission.READ)
+        item_filter = None
+        if tracker_item_id is not None:
+            item_filter = parse_id(tracker_item_id)
+            if item_filter is None:  # names no item: nothing can match
+                item_filter = 0
+        async with info.context.db.read() as session:
+            page = await info.context.services.fleet.list_jobs(
+                session, principal.product_id, stage=stage, tracker_item_id=item_filter,
+                first=page_size(first), after=after,
+            )
+        return connection_of(page, [Job.from_model(row) for row in page.nodes])
+
+

@@ -1,0 +1,75 @@
+"""The schema, its guards (depth, token and alias limits) and error handling.
+
+Errors the service raises on purpose (`FleetError`) reach the client with their
+`extensions.code`.  Parse and validation errors get `GRAPHQL_VALIDATION_FAILED`.
+Anything else is logged with its traceback and masked as `INTERNAL_SERVER_ERROR`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import MaskErrors, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.types import ExecutionContext
+
+from app.errors import FleetError
+
+from app.graphql.mutations import Mutation
+from app.graphql.queries import Query
+from app.graphql.subscriptions import Subscription
+
+logger = logging.getLogger("app.graphql")
+
+MAX_DEPTH = 12
+MAX_TOKENS = 5_000
+MAX_ALIASES = 50
+
+
+def _is_unexpected(error: GraphQLError) -> bool:
+    original = error.original_error
+    return original is not None and not isinstance(original, FleetError | GraphQLError)
+
+
+class MaskUnexpectedErrors(MaskErrors):
+    def __init__(self) -> None:
+        super().__init__(should_mask_error=_is_unexpected, error_message="Unexpected error.")
+
+    def anonymise_error(self, error: GraphQLError) -> GraphQLError:
+        original = error.original_error
+        logger.error(
+            "unexpected error at %s: %r", ".".join(map(str, error.path or [])), original,
+            exc_info=(type(original), original, original.__traceback__) if original else None,
+        )
+        masked = super().anonymise_error(error)
+        masked.extensions = {"code": "INTERNAL_SERVER_ERROR"}
+        return masked
+
+    def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
+        processed = super()._process_errors(errors)
+        for error in processed:
+            if not error.extensions or "code" not in error.extensions:
+                error.extensions = {**(error.extensions or {}), "code": "GRAPHQL_VALIDATION_FAILED"}
+        return processed
+
+
+class FleetSchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        """Expected errors are answers, not incidents; unexpected ones are logged when
+        they are masked (MaskUnexpectedErrors), so nothing to do here."""
+
+
+schema = FleetSchema(
+    query=Query,
+    mutation=Mutation,
+    subscription=Subscription,
+    extensions=[
+        lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
+        lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
+        lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        MaskUnexpectedErrors,
+    ],
+)

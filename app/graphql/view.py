@@ -1,0 +1,54 @@
+"""The strawberry ASGI view: builds the per-request context and authenticates.
+
+Over HTTP the token comes in the `Authorization: Bearer …` header; over a
+websocket in the `connection_init` payload (`{"authorization": "Bearer …"}`), and
+an anonymous or unknown token is refused there, before any subscription starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import ConnectionRejectionError
+from strawberry.types.unset import UnsetType
+
+from app.auth.service import Principal, authenticate, parse_bearer
+
+from app.graphql.context import Context, Services
+
+
+class FleetGraphQL(GraphQL[Context, None]):
+    async def get_context(
+        self, request: Request | WebSocket, response: Response | WebSocket
+    ) -> Context:
+        services: Services = request.app.state.services
+        principal = None
+        if not isinstance(request, WebSocket):
+            principal = await self._authenticate(
+                services, parse_bearer(request.headers.get("authorization"))
+            )
+        return Context(services=services, request=request, response=response, principal=principal)
+
+    async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
+        params: Any = context.connection_params
+        header = None
+        if isinstance(params, dict):
+            header = params.get("authorization") or params.get("Authorization")
+        principal = await self._authenticate(
+            context.services, parse_bearer(header) if isinstance(header, str) else None
+        )
+        if principal is None:
+            raise ConnectionRejectionError({"message": "a valid bearer token is required"})
+        context.principal = principal
+        return {"productId": principal.product_id, "role": principal.role.value}
+
+    @staticmethod
+    async def _authenticate(services: Services, secret: str | None) -> Principal | None:
+        if secret is None:
+            return None
+        async with services.db.read() as session:
+            return await authenticate(session, secret)

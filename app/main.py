@@ -1,0 +1,135 @@
+"""The ASGI application: Starlette routes, the GraphQL endpoint and the lifespan that
+builds the engine, the event hub, the services and the background loops."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from app.background import BackgroundLoops
+from app.bridge.service import BridgeService, ItemEchoWriter, write_status_and_comment
+from app.config import Settings, get_settings
+from app.db import create_engine
+from app.events.hub import LocalHub
+from app.events.outbox import EventRecord
+from app.events.service import EventStreams
+from app.fleet.service import FleetPolicy, FleetService
+from app.graphql.context import Services
+from app.graphql.schema import schema
+from app.graphql.view import FleetGraphQL
+from app.metrics import ServiceMetrics
+from app.uow import Database
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    services: Services
+    loops: BackgroundLoops
+    metrics: ServiceMetrics
+
+    async def start(self, *, background: bool) -> None:
+        await self.services.hub.start()
+        if background:
+            self.loops.start()
+
+    async def stop(self) -> None:
+        await self.loops.stop()
+        await self.services.hub.stop()
+        await self.services.db.dispose()
+
+
+def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = None) -> Runtime:
+    """Wire the services together.  Nothing is started and nothing touches the network."""
+    engine = create_engine(settings.database_url)
+    db = Database(engine)
+    hub = LocalHub(max_queue=settings.subscriber_queue_size)
+    fleet = FleetService(
+        FleetPolicy(
+            lease_seconds=settings.lease_seconds,
+            aging_seconds=settings.aging_seconds,
+            retry_backoff_seconds=settings.retry_backoff_seconds,
+            retry_backoff_max_seconds=settings.retry_backoff_max_seconds,
+        )
+    )
+    bridge = BridgeService(
+        db, fleet, echo_writer=echo_writer or write_status_and_comment,
+        retry_max_seconds=settings.echo_sweep_max_backoff_seconds,
+    )
+    metrics = ServiceMetrics()
+
+    async def on_commit(records: Sequence[EventRecord]) -> None:
+        metrics.observe(records)
+        await hub.publish(records)
+        if settings.tracker_echo:
+            await bridge.echo_stage_changes(records)
+
+    db.on_commit = on_commit
+    services = Services(
+        settings=settings, db=db, hub=hub, fleet=fleet, bridge=bridge,
+        streams=EventStreams(db, hub),
+    )
+    return Runtime(services=services, loops=BackgroundLoops(settings, db, fleet, bridge),
+                   metrics=metrics)
+
+
+def create_app(
+    settings: Settings | None = None, *, echo_writer: ItemEchoWriter | None = None
+) -> Starlette:
+    settings = settings or get_settings()
+    graphql_app = FleetGraphQL(
+        schema,
+        graphql_ide="graphiql" if settings.graphiql else None,
+        connection_init_wait_timeout=timedelta(seconds=settings.connection_init_timeout_seconds),
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        runtime = build_runtime(settings, echo_writer=echo_writer)
+        app.state.runtime = runtime
+        app.state.services = runtime.services
+        await runtime.start(background=settings.background_loops)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        services: Services = request.app.state.services
+        try:
+            async with services.db.read() as session:
+                await session.execute(text("SELECT 1"))
+        except Exception:
+            logger.warning("readiness check failed", exc_info=True)
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        runtime: Runtime = request.app.state.runtime
+        return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/graphql", graphql_app, methods=["GET", "POST"]),
+            WebSocketRoute("/graphql", graphql_app),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ],
+        lifespan=lifespan,
+    )
