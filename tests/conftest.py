@@ -38,7 +38,6 @@ from app.tracker.models import Item
 from app.tracker.service import NewItem
 
 PG_DSN = os.environ.get("FLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-PG_TEMPLATE = "fleetbridge_test_template"
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _counter = itertools.count()
 
@@ -71,7 +70,7 @@ def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pg_template() -> str:
+def pg_template() -> Iterator[str]:
     if not _pg_answers():
         message = (
             f"PostgreSQL does not answer at {PG_DSN}; start it (see README) or set "
@@ -80,10 +79,12 @@ def pg_template() -> str:
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {PG_TEMPLATE} WITH (FORCE)"))
-    asyncio.run(_pg_admin(f"CREATE DATABASE {PG_TEMPLATE}"))
-    upgrade(_pg_url(PG_TEMPLATE))
-    return PG_TEMPLATE
+    template = f"fleetbridge_test_template_{os.getpid()}"
+    asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)"))
+    asyncio.run(_pg_admin(f"CREATE DATABASE {template}"))
+    upgrade(_pg_url(template))
+    yield template
+    asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {template} WITH (FORCE)"))
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
