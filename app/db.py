@@ -10,16 +10,16 @@ committed in between; an immediate one waits its turn instead.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, ClassVar
+from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, MetaData, String, bindparam, event
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import DeclarativeBase, QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
-from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.types import TypeDecorator
 
 NAMING_CONVENTION = {
@@ -107,12 +107,12 @@ class JsonArrayContains(ColumnElement[bool]):
 
     inherit_cache = True
     type = Boolean()
-    _traverse_internals: ClassVar[Any] = [
+    _traverse_internals = [  # noqa: RUF012  (SQLAlchemy's own convention)
         ("column", InternalTraversal.dp_clauseelement),
         ("value", InternalTraversal.dp_clauseelement),
     ]
 
-    def __init__(self, column: ColumnElement[Any], value: str) -> None:
+    def __init__(self, column: ColumnElement[Any] | QueryableAttribute[Any], value: str) -> None:
         self.column = column
         self.value = bindparam(None, value, type_=String())
 

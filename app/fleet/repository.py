@@ -74,7 +74,7 @@ async def list_jobs(
 
 
 def _queue_of(product_id: str, priority: Priority, worker: WorkerProfile, now: datetime,
-              postgres: bool) -> Select[tuple[Job]]:
+              postgres: bool) -> Select[Job]:
     """Queued, due jobs of one priority that match the worker's engine class and
     profile, in scheduler order; on PostgreSQL the capability subset test too."""
     stmt = select(Job).where(

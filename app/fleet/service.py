@@ -106,7 +106,9 @@ class FleetService:
 
     # -- submit --------------------------------------------------------------
 
-    async def submit_job(self, session: AsyncSession, product_id: str, spec: JobSpec) -> SubmitResult:
+    async def submit_job(
+        self, session: AsyncSession, product_id: str, spec: JobSpec
+    ) -> SubmitResult:
         """Create a job, or return the one already submitted under the same key."""
         if spec.idempotency_key is not None:
             existing = await repository.get_by_idempotency_key(
@@ -242,7 +244,9 @@ class FleetService:
         """Queue a FAILED or CANCELLED job again, with a fresh allowance of attempts."""
         job = await self._locked_job(session, product_id, job_id)
         if job.stage not in (JobStage.FAILED, JobStage.CANCELLED):
-            raise ConflictError(f"only FAILED or CANCELLED jobs can be retried, not {job.stage.value}")
+            raise ConflictError(
+                f"only FAILED or CANCELLED jobs can be retried, not {job.stage.value}"
+            )
         source = job.stage
         now = self._now()
         job.stage = JobStage.QUEUED

@@ -10,11 +10,11 @@ import strawberry
 
 from app import limits
 from app.bridge.service import IngestOptions as IngestOptionsSpec
+from app.fleet.models import Priority
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec, MetricsDelta
+from app.tracker.models import ItemStatus
 from app.tracker.service import ItemChanges, NewItem
-
-from app.graphql.types import ItemStatus, Priority
 
 
 @strawberry.input

@@ -12,9 +12,8 @@ from strawberry.types import Info
 from app import limits
 from app.auth.service import Permission
 from app.bridge.service import IngestOptions as IngestOptionsSpec
+from app.fleet.models import JobStage
 from app.fleet.service import MetricsDelta
-from app.tracker import service as tracker_service
-
 from app.graphql.context import Context
 from app.graphql.ids import require_id
 from app.graphql.inputs import (
@@ -32,10 +31,10 @@ from app.graphql.types import (
     EchoPayload,
     Item,
     Job,
-    JobStage,
     Lease,
     SubmitJobPayload,
 )
+from app.tracker import service as tracker_service
 
 
 def _lease_of(job: Job) -> Lease:
@@ -78,7 +77,9 @@ class Mutation:
         return Comment.from_model(row)
 
     @strawberry.mutation
-    async def submit_job(self, info: Info[Context, None], input: SubmitJobInput) -> SubmitJobPayload:
+    async def submit_job(
+        self, info: Info[Context, None], input: SubmitJobInput
+    ) -> SubmitJobPayload:
         principal = info.context.require(Permission.TRACKER)
         item_id = (
             require_id("item", input.tracker_item_id) if input.tracker_item_id is not None else None
@@ -105,7 +106,9 @@ class Mutation:
         return SubmitJobPayload(job=Job.from_model(result.job), outcome=result.outcome)
 
     @strawberry.mutation
-    async def echo_job_to_item(self, info: Info[Context, None], job_id: strawberry.ID) -> EchoPayload:
+    async def echo_job_to_item(
+        self, info: Info[Context, None], job_id: strawberry.ID
+    ) -> EchoPayload:
         principal = info.context.require(Permission.TRACKER)
         result = await info.context.services.bridge.echo_job(
             principal.product_id, require_id("job", job_id)

@@ -7,13 +7,14 @@ from app.auth.service import Permission
 from app.events import repository as event_repository
 from app.events.outbox import encode_event_cursor
 from app.fleet import repository as fleet_repository
+from app.fleet.models import JobStage
+from app.graphql.context import Context
+from app.graphql.ids import parse_id
+from app.graphql.types import Connection, Item, Job, Viewer, connection_of
 from app.limits import LABEL_MAX, page_size, text
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
-
-from app.graphql.context import Context
-from app.graphql.ids import parse_id
-from app.graphql.types import Connection, Item, ItemStatus, Job, JobStage, Viewer, connection_of
+from app.tracker.models import ItemStatus
 
 
 @strawberry.type

@@ -17,12 +17,11 @@ from app.errors import BadUserInputError
 from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
 from app.fleet import repository as fleet_repository
 from app.fleet.models import JobStage as JobStageModel
-from app.tracker import repository as tracker_repository
-from app.tracker.models import ItemStatus as ItemStatusModel
-
 from app.graphql.context import Context
 from app.graphql.ids import parse_id
 from app.graphql.types import Item, ItemStatusEvent, Job, JobStageEvent
+from app.tracker import repository as tracker_repository
+from app.tracker.models import ItemStatus as ItemStatusModel
 
 
 def _entity_filter(field: str, value: strawberry.ID | None) -> int | None:
@@ -46,12 +45,14 @@ class Subscription:
         services = info.context.services
         async for record in services.streams.stream(principal.product_id, event_filter, after):
             async with services.db.read() as session:
-                row = await fleet_repository.get_job(session, principal.product_id, record.entity_id)
+                row = await fleet_repository.get_job(
+                    session, principal.product_id, record.entity_id
+                )
             yield JobStageEvent(
                 cursor=record.cursor,
                 job_id=strawberry.ID(str(record.entity_id)),
                 from_=JobStageModel(record.from_state) if record.from_state else None,
-                to=JobStageModel(record.to_state),
+                to=JobStageModel(record.to_state or ""),
                 at=record.created_at,
                 job=Job.from_model(row) if row is not None else None,
             )
@@ -73,7 +74,7 @@ class Subscription:
                 cursor=record.cursor,
                 item_id=strawberry.ID(str(record.entity_id)),
                 from_=ItemStatusModel(record.from_state) if record.from_state else None,
-                to=ItemStatusModel(record.to_state),
+                to=ItemStatusModel(record.to_state or ""),
                 at=record.created_at,
                 item=Item.from_model(row) if row is not None else None,
             )

@@ -3,34 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import strawberry
 from strawberry.types import Info
 
-from app.auth.models import Role as RoleModel
+from app.auth.models import Role
 from app.auth.service import Permission
 from app.bridge.service import EchoResult
 from app.fleet.models import Job as JobModel
-from app.fleet.models import JobStage as JobStageModel
-from app.fleet.models import Priority as PriorityModel
-from app.fleet.service import SubmitOutcome as SubmitOutcomeModel
+from app.fleet.models import JobStage, Priority
+from app.fleet.service import SubmitOutcome
+from app.graphql.context import Context
 from app.limits import page_size
 from app.pagination import Page
 from app.tracker import service as tracker_service
 from app.tracker.models import Comment as CommentModel
-from app.tracker.models import CommentKind as CommentKindModel
+from app.tracker.models import CommentKind, ItemStatus
 from app.tracker.models import Item as ItemModel
-from app.tracker.models import ItemStatus as ItemStatusModel
 
-from app.graphql.context import Context
-
-ItemStatus = strawberry.enum(ItemStatusModel, name="ItemStatus")
-CommentKind = strawberry.enum(CommentKindModel, name="CommentKind")
-JobStage = strawberry.enum(JobStageModel, name="JobStage")
-Priority = strawberry.enum(PriorityModel, name="Priority")
-SubmitOutcome = strawberry.enum(SubmitOutcomeModel, name="SubmitOutcome")
-Role = strawberry.enum(RoleModel, name="Role")
+# The domain enums are the GraphQL enums (same names, same values).
+for _enum in (ItemStatus, CommentKind, JobStage, Priority, SubmitOutcome, Role):
+    strawberry.enum(_enum)
 
 T = TypeVar("T")
 
@@ -47,7 +41,7 @@ class Connection(Generic[T]):
     page_info: PageInfo
 
 
-def connection_of(page: Page[T], nodes: list[T]) -> Connection[T]:
+def connection_of(page: Page[Any], nodes: list[T]) -> Connection[T]:
     return Connection(
         nodes=nodes,
         page_info=PageInfo(end_cursor=page.end_cursor, has_next_page=page.has_next_page),

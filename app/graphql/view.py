@@ -17,7 +17,6 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.types.unset import UnsetType
 
 from app.auth.service import Principal, authenticate, parse_bearer
-
 from app.graphql.context import Context, Services
 
 

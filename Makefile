@@ -1,0 +1,38 @@
+# fleetbridge — developer entry points.  Both targets set everything up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test install lint typecheck schema bench clean
+
+$(BIN)/fleetbridge: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/fleetbridge
+
+## Set up, migrate, create a demo product with tokens, and serve on SQLite.
+run: install
+	@./scripts/demo.sh
+
+## Set up and run the whole suite: lint, types, schema freshness, tests (SQLite + PostgreSQL).
+test: install lint typecheck
+	$(BIN)/python scripts/export_schema.py --check
+	$(BIN)/pytest -q
+
+lint:
+	$(BIN)/ruff check app tests bench scripts migrations
+
+typecheck:
+	$(BIN)/mypy
+
+schema: install
+	$(BIN)/python scripts/export_schema.py
+
+bench: install
+	$(BIN)/python bench/bench_claim.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache fleetbridge.db*
