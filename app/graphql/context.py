@@ -14,8 +14,8 @@ from app.bridge.service import BridgeService
 from app.config import Settings
 from app.events.hub import LocalHub
 from app.events.service import EventStreams
-from app.fleet.models import Job
 from app.fleet import repository as fleet_repository
+from app.fleet.models import Job
 from app.fleet.service import FleetService
 from app.tracker import repository as tracker_repository
 from app.tracker.models import Item
