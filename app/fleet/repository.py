@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Case, Select, and_, case, or_, select, tuple_, type_coerce
+from sqlalchemy import Case, Select, and_, case, literal, or_, select, tuple_, type_coerce
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import UTCDateTime
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import Candidate, WorkerProfile, is_eligible
 from app.fleet.stages import ACTIVE_STAGES
@@ -118,7 +119,10 @@ async def claim_candidates(
         while True:
             page_stmt = stmt
             if after is not None:
-                page_stmt = page_stmt.where(tuple_(Job.queued_at, Job.id) > tuple_(*after))
+                page_stmt = page_stmt.where(
+                    tuple_(Job.queued_at, Job.id)
+                    > tuple_(literal(after[0], UTCDateTime()), literal(after[1]))
+                )
             page = (await session.execute(page_stmt.limit(window))).scalars().all()
             head = next(
                 (job for job in page if is_eligible(to_candidate(job), worker, now)), None
