@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     subscriber_queue_size: int = Field(default=1_000, ge=1)
     max_subscriptions_per_connection: int = Field(default=20, ge=1)
     connection_init_timeout_seconds: float = Field(default=10.0, gt=0)
+    # PostgreSQL only: how often the hub re-reads the event log for products with
+    # live subscribers, in case a NOTIFY was lost (app.events.pg_hub).
+    hub_poll_seconds: float = Field(default=1.0, gt=0)
 
     # HTTP server.
     host: str = "127.0.0.1"

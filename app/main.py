@@ -22,6 +22,7 @@ from app.config import Settings, get_settings
 from app.db import create_engine
 from app.events.hub import LocalHub
 from app.events.outbox import EventRecord
+from app.events.pg_hub import PostgresHub
 from app.events.service import EventStreams
 from app.fleet.service import FleetPolicy, FleetService
 from app.graphql.context import Services
@@ -54,7 +55,13 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     """Wire the services together.  Nothing is started and nothing touches the network."""
     engine = create_engine(settings.database_url)
     db = Database(engine)
-    hub = LocalHub(max_queue=settings.subscriber_queue_size)
+    hub: LocalHub
+    if engine.dialect.name == "postgresql":
+        # Many instances may share this database: wake each other with LISTEN/NOTIFY.
+        hub = PostgresHub(db, settings.database_url, max_queue=settings.subscriber_queue_size,
+                          poll_seconds=settings.hub_poll_seconds)
+    else:
+        hub = LocalHub(max_queue=settings.subscriber_queue_size)
     fleet = FleetService(
         FleetPolicy(
             lease_seconds=settings.lease_seconds,

@@ -93,3 +93,7 @@ class LocalHub:
 
     def subscriber_count(self, product_id: str) -> int:
         return len(self._subscribers.get(product_id, ()))
+
+    def subscribed_products(self) -> list[str]:
+        """The products that have at least one live subscriber here."""
+        return [product for product, subscribers in self._subscribers.items() if subscribers]

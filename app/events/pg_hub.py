@@ -1,0 +1,314 @@
+"""The cross-instance hub: PostgreSQL `LISTEN/NOTIFY` on top of the local fan-out.
+
+Many stateless instances share one PostgreSQL database.  Every instance runs a
+`PostgresHub`:
+
+* `publish(records)` (called after a unit of work commits) delivers the records to
+  this instance's subscribers, then sends `NOTIFY fleetbridge_events,
+  '<product>:<highest seq>'` for each product in the batch.  The payload only wakes
+  the other instances; the events themselves stay in the event table.
+* One dedicated asyncpg connection per instance `LISTEN`s on that channel.  On a
+  notification for a product with live subscribers here, whose sequence is above
+  the last one this hub delivered for it, the hub reads the newer events from the
+  event table (`app.events.repository.events_after`) and delivers them locally.
+* A notification can be lost: the sending instance may die between its commit and
+  its NOTIFY, the NOTIFY may fail, or the listening connection may drop.  So every
+  `poll_seconds` (FLEET_HUB_POLL_SECONDS) the hub compares each subscribed
+  product's `last_event_seq` with what it has delivered and reads what is missing;
+  and after the listening connection is re-established (with backoff) it catches
+  up the same way.  A dropped notification costs latency, never an event.
+
+Delivery here only has to *wake* subscribers: a stream (`app.events.service`)
+remembers the last sequence it delivered, drops what it has already seen and fills
+any gap from the log.  Sequences are per product, gap-free and in commit order, so
+cursors are identical on every instance.
+
+Fault seam: `notifier` (a coroutine taking `[(product_id, seq), …]`) sends the
+wake-ups; tests replace it to drop or fail notifications.  A failing notifier is
+logged and never reaches the committed change's caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+
+import asyncpg
+from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
+
+from app.auth.models import Product
+from app.events import repository
+from app.events.hub import LocalHub, Subscriber
+from app.events.outbox import EventRecord
+from app.uow import Database
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "fleetbridge_events"
+CATCH_UP_BATCH = 500
+CONNECT_TIMEOUT_SECONDS = 5.0
+RECONNECT_INITIAL_SECONDS = 0.1
+RECONNECT_MAX_SECONDS = 5.0
+
+Notifier = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
+
+
+def listen_dsn(database_url: str) -> str:
+    """The asyncpg DSN for a SQLAlchemy URL such as `postgresql+asyncpg://…`."""
+    url = make_url(database_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+def encode_wakeup(product_id: str, seq: int) -> str:
+    return f"{product_id}:{seq}"
+
+
+def decode_wakeup(payload: str) -> tuple[str, int] | None:
+    product_id, _, seq = payload.rpartition(":")
+    if not product_id or not seq.isdigit():
+        return None
+    return product_id, int(seq)
+
+
+class PostgresHub(LocalHub):
+    def __init__(
+        self,
+        db: Database,
+        database_url: str,
+        *,
+        max_queue: int = 1_000,
+        poll_seconds: float = 1.0,
+        notifier: Notifier | None = None,
+    ) -> None:
+        super().__init__(max_queue=max_queue)
+        self.db = db
+        self.dsn = listen_dsn(database_url)
+        self.poll_seconds = poll_seconds
+        self.notifier: Notifier = notifier or self.send_notifications
+        # The highest sequence delivered here, per product with live subscribers.
+        self._delivered: dict[str, int] = {}
+        self._pending: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._connection: asyncpg.Connection | None = None
+        self._connection_lost = asyncio.Event()
+        # Observable counters (logs, tests): listening connections opened, wake-ups
+        # received, poll passes that found missing events.
+        self.connections_opened = 0
+        self.notifications_received = 0
+        self.polls_that_found_news = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening.  A first connection that fails is retried in the
+        background; until then the poll keeps subscribers current."""
+        first: asyncpg.Connection | None = None
+        try:
+            first = await self._listen_connection()
+        except (OSError, asyncpg.PostgresError, TimeoutError):
+            logger.warning("event hub could not LISTEN yet; will retry", exc_info=True)
+        self._tasks = [
+            asyncio.create_task(self._keep_listening(first), name="event-hub-listen"),
+            asyncio.create_task(self._catch_up_forever(), name="event-hub-catch-up"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._close_connection()
+
+    @property
+    def listener_pid(self) -> int | None:
+        """The server process id of the listening connection (None when down)."""
+        connection = self._connection
+        if connection is None or connection.is_closed():
+            return None
+        return int(connection.get_server_pid())
+
+    # -- publishing ------------------------------------------------------------
+
+    async def publish(self, records: Sequence[EventRecord]) -> None:
+        self.deliver(records)
+        highest: dict[str, int] = {}
+        for record in records:
+            highest[record.product_id] = max(highest.get(record.product_id, 0), record.seq)
+        if not highest:
+            return
+        try:
+            await self.notifier(sorted(highest.items()))
+        except Exception:
+            # The change is committed; the other instances' poll will find it.
+            logger.warning("NOTIFY failed; other instances will catch up by polling",
+                           exc_info=True)
+
+    async def send_notifications(self, wakeups: Sequence[tuple[str, int]]) -> None:
+        """The default notifier: `pg_notify` through a pooled connection."""
+        async with self.db.engine.connect() as connection:
+            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            for product_id, seq in wakeups:
+                await autocommit.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": CHANNEL, "payload": encode_wakeup(product_id, seq)},
+                )
+
+    def deliver(self, records: Sequence[EventRecord]) -> None:
+        super().deliver(records)
+        for record in records:
+            delivered = self._delivered.get(record.product_id)
+            if delivered is not None and record.seq > delivered:
+                self._delivered[record.product_id] = record.seq
+
+    # -- subscribing -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
+        if product_id not in self._delivered:
+            head = await self._log_head(product_id)
+            # Two first subscribers may race; the lower mark only costs a re-delivery.
+            self._delivered[product_id] = min(self._delivered.get(product_id, head), head)
+        try:
+            async with super().subscribe(product_id) as subscriber:
+                yield subscriber
+        finally:
+            if self.subscriber_count(product_id) == 0:
+                self._delivered.pop(product_id, None)
+                self._pending.discard(product_id)
+
+    async def _log_head(self, product_id: str) -> int:
+        async with self.db.read() as session:
+            last, _ = await repository.log_bounds(session, product_id)
+        return last
+
+    # -- listening -------------------------------------------------------------
+
+    async def _listen_connection(self) -> asyncpg.Connection:
+        connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_SECONDS)
+        try:
+            await connection.add_listener(CHANNEL, self._on_notification)
+        except BaseException:
+            await connection.close(timeout=1)
+            raise
+        self._connection_lost.clear()
+        connection.add_termination_listener(lambda _: self._connection_lost.set())
+        self._connection = connection
+        self.connections_opened += 1
+        return connection
+
+    async def _keep_listening(self, first: asyncpg.Connection | None) -> None:
+        """Hold the LISTEN connection; reconnect with backoff when it drops, and
+        catch up on every (re)connect, since wake-ups were lost meanwhile."""
+        connection = first
+        delay = RECONNECT_INITIAL_SECONDS
+        while True:
+            if connection is None:
+                try:
+                    connection = await self._listen_connection()
+                except (OSError, asyncpg.PostgresError, TimeoutError):
+                    logger.warning("event hub reconnect failed; retrying in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+                    continue
+                logger.info("event hub listening again")
+                self._request_catch_up(self.subscribed_products())
+            delay = RECONNECT_INITIAL_SECONDS
+            await self._until_lost(connection)
+            logger.warning("event hub lost its LISTEN connection; reconnecting")
+            await self._close_connection()
+            connection = None
+
+    async def _until_lost(self, connection: asyncpg.Connection) -> None:
+        """Return when the listening connection is gone (probed every poll)."""
+        while not connection.is_closed():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_seconds):
+                    await self._connection_lost.wait()
+            if self._connection_lost.is_set():
+                return
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
+                    await connection.execute("SELECT 1")
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                return
+
+    async def _close_connection(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            try:
+                await connection.close(timeout=1)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                connection.terminate()
+
+    def _on_notification(self, _connection: object, _pid: int, _channel: str,
+                         payload: str) -> None:
+        wakeup = decode_wakeup(payload)
+        if wakeup is None:
+            logger.warning("ignoring malformed event wake-up %r", payload)
+            return
+        self.notifications_received += 1
+        product_id, seq = wakeup
+        delivered = self._delivered.get(product_id)
+        if delivered is not None and seq > delivered:
+            self._request_catch_up([product_id])
+
+    # -- catching up from the log ----------------------------------------------
+
+    def _request_catch_up(self, products: Sequence[str]) -> None:
+        self._pending.update(product for product in products if product in self._delivered)
+        if self._pending:
+            self._wake.set()
+
+    async def _catch_up_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.poll_seconds
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
+                    await self._wake.wait()
+            try:
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + self.poll_seconds
+                    await self._poll()
+                self._wake.clear()
+                pending, self._pending = self._pending, set()
+                for product_id in sorted(pending):
+                    await self._catch_up(product_id)
+            except Exception:
+                logger.warning("event hub catch-up failed; retrying at the next poll",
+                               exc_info=True)
+
+    async def _poll(self) -> None:
+        """Find subscribed products whose log has moved past what was delivered."""
+        products = self.subscribed_products()
+        if not products:
+            return
+        async with self.db.read() as session:
+            heads = (
+                await session.execute(
+                    select(Product.id, Product.last_event_seq).where(Product.id.in_(products))
+                )
+            ).all()
+        behind = [product for product, last in heads
+                  if last is not None and last > self._delivered.get(product, last)]
+        if behind:
+            self.polls_that_found_news += 1
+            self._request_catch_up(behind)
+
+    async def _catch_up(self, product_id: str) -> None:
+        while (after := self._delivered.get(product_id)) is not None:
+            async with self.db.read() as session:
+                rows = await repository.events_after(
+                    session, product_id, after, limit=CATCH_UP_BATCH
+                )
+                records = [EventRecord.from_model(row) for row in rows]
+            self.deliver(records)
+            if len(records) < CATCH_UP_BATCH:
+                return

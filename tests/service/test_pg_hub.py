@@ -1,0 +1,221 @@
+"""The PostgreSQL hub between instances (DESIGN §5, issue 4 §3).
+
+Two runtimes built on one PostgreSQL database are two instances: separate engines,
+separate hubs, separate LISTEN connections.  PostgreSQL only: LISTEN/NOTIFY has
+no SQLite counterpart (on SQLite one process serves and the local hub suffices).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import pytest
+
+from app.auth.models import Role
+from app.events.outbox import EventRecord
+from app.events.pg_hub import PostgresHub, decode_wakeup, encode_wakeup, listen_dsn
+from app.events.service import JOB_STAGE_EVENTS, filter_for
+from app.fleet.models import JobStage
+from app.fleet.scheduler import WorkerProfile
+from app.fleet.service import JobSpec
+from app.main import Runtime
+from tests.conftest import PG_DSN
+
+pytestmark = pytest.mark.postgres
+postgres_only = pytest.mark.parametrize("store", ["postgres"])
+
+DEADLINE = 10.0
+QUIET = 60.0  # a poll interval long enough that only NOTIFY or a reconnect can deliver
+
+
+class Watcher:
+    """A live job-stage stream on one runtime, read in the background."""
+
+    def __init__(self, runtime: Runtime, product_id: str) -> None:
+        self.received: asyncio.Queue[EventRecord] = asyncio.Queue()
+        self._ready = asyncio.Event()
+        self._stream = runtime.services.streams.stream(
+            product_id, filter_for(JOB_STAGE_EVENTS, None), on_ready=self._ready.set
+        )
+        self._task = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        async for record in self._stream:
+            await self.received.put(record)
+
+    async def ready(self) -> Watcher:
+        await asyncio.wait_for(self._ready.wait(), DEADLINE)
+        return self
+
+    async def take(self, count: int) -> list[EventRecord]:
+        return [await asyncio.wait_for(self.received.get(), DEADLINE) for _ in range(count)]
+
+    async def close(self) -> None:
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        await self._stream.aclose()
+
+
+@pytest.fixture
+async def watch() -> AsyncIterator[object]:
+    watchers: list[Watcher] = []
+
+    async def start(runtime: Runtime, product_id: str = "acme") -> Watcher:
+        watcher = await Watcher(runtime, product_id).ready()
+        watchers.append(watcher)
+        return watcher
+
+    yield start
+    for watcher in watchers:
+        await watcher.close()
+
+
+def hub_of(runtime: Runtime) -> PostgresHub:
+    hub = runtime.services.hub
+    assert isinstance(hub, PostgresHub)
+    return hub
+
+
+async def submit(runtime: Runtime, product_id: str, title: str) -> int:
+    async with runtime.services.db.unit_of_work() as session:
+        result = await runtime.services.fleet.submit_job(
+            session, product_id, JobSpec(title=title, body_md="body")
+        )
+        return result.job.id
+
+
+async def claim(runtime: Runtime, product_id: str) -> int:
+    async with runtime.services.db.unit_of_work() as session:
+        job = await runtime.services.fleet.claim_next_job(
+            session, product_id, WorkerProfile(worker_id="w")
+        )
+        assert job is not None
+        return job.id
+
+
+def summary(records: Sequence[EventRecord]) -> list[tuple[str, int, str | None]]:
+    return [(record.cursor, record.entity_id, record.to_state) for record in records]
+
+
+@postgres_only
+async def test_a_change_through_one_instance_reaches_the_other_in_order(
+    make_runtime, make_token, watch
+):
+    await make_token("acme", Role.MEMBER)
+    await make_token("globex", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=QUIET)
+    on_a, on_b = await watch(instance_a), await watch(instance_b)
+
+    first = await submit(instance_a, "acme", "made on A")
+    await submit(instance_a, "globex", "another product")
+    second = await submit(instance_b, "acme", "made on B")
+    assert await claim(instance_a, "acme") == first
+
+    seen_on_b = await on_b.take(3)
+    seen_on_a = await on_a.take(3)
+    assert [(r.entity_id, r.to_state) for r in seen_on_b] == [
+        (first, JobStage.QUEUED.value), (second, JobStage.QUEUED.value),
+        (first, JobStage.ASSIGNED.value),
+    ]
+    assert [r.seq for r in seen_on_b] == [1, 2, 3]
+    assert summary(seen_on_a) == summary(seen_on_b)  # identical cursors on both
+    assert hub_of(instance_b).notifications_received >= 1
+    assert on_b.received.empty()  # nothing of globex, nothing twice
+
+
+@postgres_only
+async def test_a_dropped_notification_is_delivered_by_the_poll(make_runtime, make_token, watch):
+    await make_token("acme", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=0.2)
+    sent: list[Sequence[tuple[str, int]]] = []
+
+    async def drop(wakeups: Sequence[tuple[str, int]]) -> None:
+        sent.append(wakeups)  # the instance "dies" between its commit and its NOTIFY
+
+    hub_of(instance_a).notifier = drop
+    on_b = await watch(instance_b)
+    job_id = await submit(instance_a, "acme", "never announced")
+
+    [record] = await on_b.take(1)
+    assert (record.entity_id, record.seq) == (job_id, 1)
+    assert sent == [[("acme", 1)]]
+    assert hub_of(instance_b).polls_that_found_news >= 1
+
+
+@postgres_only
+async def test_a_failing_notify_never_fails_the_change(make_runtime, make_token, watch):
+    await make_token("acme", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=0.2)
+
+    async def broken(wakeups: Sequence[tuple[str, int]]) -> None:
+        raise ConnectionResetError("NOTIFY could not be sent")
+
+    hub_of(instance_a).notifier = broken
+    on_a, on_b = await watch(instance_a), await watch(instance_b)
+    job_id = await submit(instance_a, "acme", "committed anyway")
+
+    assert [r.entity_id for r in await on_a.take(1)] == [job_id]  # local fan-out first
+    assert [r.entity_id for r in await on_b.take(1)] == [job_id]
+
+
+@postgres_only
+async def test_events_missed_while_not_listening_arrive_after_reconnect(
+    make_runtime, make_token, watch
+):
+    await make_token("acme", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=QUIET)
+    hub_b = hub_of(instance_b)
+
+    async def drop(wakeups: Sequence[tuple[str, int]]) -> None:
+        return None
+
+    hub_of(instance_a).notifier = drop
+    on_b = await watch(instance_b)
+    job_id = await submit(instance_a, "acme", "committed while B was deaf")
+    assert on_b.received.empty()
+
+    # Cut B's LISTEN connection from the server side; B must reconnect and catch up.
+    pid = hub_b.listener_pid
+    assert pid is not None
+    admin = await asyncpg.connect(f"{PG_DSN}/postgres")
+    try:
+        assert await admin.fetchval("SELECT pg_terminate_backend($1)", pid)
+    finally:
+        await admin.close()
+
+    [record] = await on_b.take(1)
+    assert record.entity_id == job_id
+    assert hub_b.connections_opened == 2
+    assert hub_b.listener_pid not in (None, pid)
+
+    # and it listens again: a normally announced change arrives without a poll
+    hub_of(instance_a).notifier = hub_of(instance_a).send_notifications
+    second = await submit(instance_a, "acme", "announced again")
+    assert [r.entity_id for r in await on_b.take(1)] == [second]
+
+
+@postgres_only
+async def test_a_subscriber_that_joins_late_gets_only_new_events(make_runtime, make_token, watch):
+    await make_token("acme", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=QUIET)
+    for n in range(3):
+        await submit(instance_a, "acme", f"before anyone listened {n}")
+
+    on_b = await watch(instance_b)
+    late = await submit(instance_a, "acme", "after")
+    [record] = await on_b.take(1)
+    assert (record.entity_id, record.seq) == (late, 4)
+
+
+def test_wakeup_payload_and_dsn() -> None:
+    assert decode_wakeup(encode_wakeup("team:a", 42)) == ("team:a", 42)
+    assert decode_wakeup("garbage") is None
+    assert decode_wakeup("acme:-1") is None
+    assert listen_dsn("postgresql+asyncpg://u:p@h:5/db") == "postgresql://u:p@h:5/db"
