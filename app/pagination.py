@@ -12,6 +12,9 @@ from app.errors import BadUserInputError
 
 T = TypeVar("T")
 
+# Ids are INTEGER columns (32-bit on PostgreSQL); no real row has a larger id.
+MAX_CURSOR_ID = 2**31 - 1
+
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
@@ -31,7 +34,12 @@ def decode_cursor(kind: str, cursor: str | None, field: str = "after") -> int | 
         prefix, _, ident = base64.urlsafe_b64decode(cursor.encode()).decode().partition(":")
     except (binascii.Error, UnicodeError, ValueError) as exc:
         raise BadUserInputError(field, "not a valid cursor") from exc
-    if prefix != kind or not ident.isdigit():
+    # ASCII digits only (str.isdigit() also accepts "²", which int() refuses), and
+    # within the range of the 32-bit INTEGER id columns, so that a forged cursor is a
+    # BAD_USER_INPUT rather than a failed query.
+    if prefix != kind or not (ident.isascii() and ident.isdigit()) or len(ident) > 10:
+        raise BadUserInputError(field, "not a valid cursor")
+    if int(ident) > MAX_CURSOR_ID:
         raise BadUserInputError(field, "not a valid cursor")
     return int(ident)
 

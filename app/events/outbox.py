@@ -24,6 +24,7 @@ from app.events.models import Event, EventType
 
 _SESSION_KEY = "fleet.recorded_events"
 _CURSOR_PREFIX = "event:"
+MAX_EVENT_SEQ = 2**63 - 1  # `seq` is a BIGINT
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +67,17 @@ def decode_event_cursor(cursor: str, *, field_name: str = "after") -> int:
         text = base64.urlsafe_b64decode(cursor.encode()).decode()
     except (binascii.Error, UnicodeError, ValueError) as exc:
         raise BadUserInputError(field_name, "not a valid event cursor") from exc
-    if not text.startswith(_CURSOR_PREFIX) or not text[len(_CURSOR_PREFIX) :].isdigit():
+    digits = text[len(_CURSOR_PREFIX) :]
+    # ASCII digits only ("²".isdigit() is true, but int() refuses it), within the
+    # BIGINT range of `seq`, so that a forged cursor never reaches the database.
+    if (
+        not text.startswith(_CURSOR_PREFIX)
+        or not (digits.isascii() and digits.isdigit())
+        or len(digits) > 19
+        or int(digits) > MAX_EVENT_SEQ
+    ):
         raise BadUserInputError(field_name, "not a valid event cursor")
-    return int(text[len(_CURSOR_PREFIX) :])
+    return int(digits)
 
 
 async def record_event(
