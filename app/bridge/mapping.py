@@ -41,6 +41,8 @@ def hints_from_labels(labels: Sequence[str], field: str = "labels") -> LabelHint
             value = label[len(prefix) :].strip()
             if not value:
                 raise BadUserInputError(field, f"label '{label}' has no value")
+            if prefix == PRIORITY_LABEL:
+                value = value.lower()  # any case: `priority:HIGH` agrees with `priority:high`
             if prefix == CAPABILITY_LABEL:
                 capabilities.setdefault(value, None)
             elif prefix in single and single[prefix][1] != value:
