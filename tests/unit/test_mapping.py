@@ -1,0 +1,325 @@
+"""The bridge's pure rules (DESIGN §4): label hints, stage → item status, the
+metrics-only echo comment, and the item → job spec mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from app.bridge.mapping import (
+    JobFigures,
+    LabelHints,
+    echo_comment,
+    hints_from_labels,
+    item_status_for_stage,
+)
+from app.bridge.service import IngestOptions, job_spec_for_item
+from app.errors import BadUserInputError
+from app.fleet.models import JobStage, Priority
+from app.tracker.models import Item, ItemStatus
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+# -- label hints -----------------------------------------------------------------
+
+
+def test_hints_from_the_design_example() -> None:
+    hints = hints_from_labels(["engine-class:agentic-coder", "priority:high", "cap:os:mac"])
+    assert hints == LabelHints(
+        engine_class="agentic-coder", profile=None, priority=Priority.HIGH,
+        capabilities=("os:mac",),
+    )
+
+
+def test_every_hint_kind_and_other_labels_ignored() -> None:
+    hints = hints_from_labels([
+        "bug", "cap:gpu", "profile:fast", "area:engine-class", "needs-triage",
+        "engine-class:reviewer", "cap:os:linux", "priority:urgent", "Priority:low", "capx",
+    ])
+    assert hints.engine_class == "reviewer"
+    assert hints.profile == "fast"
+    assert hints.priority == Priority.URGENT
+    assert hints.capabilities == ("gpu", "os:linux")
+
+
+@pytest.mark.parametrize("labels", [[], ["bug"], ["p1", "help wanted", "caps:gpu", "cap"]])
+def test_no_hint_labels_give_empty_hints(labels: list[str]) -> None:
+    assert hints_from_labels(labels) == LabelHints()
+
+
+@pytest.mark.parametrize(
+    ("label", "priority"),
+    [
+        ("priority:low", Priority.LOW),
+        ("priority:normal", Priority.NORMAL),
+        ("priority:high", Priority.HIGH),
+        ("priority:urgent", Priority.URGENT),
+        ("priority:HIGH", Priority.HIGH),
+        ("priority:Urgent", Priority.URGENT),
+        ("priority:  low ", Priority.LOW),
+    ],
+)
+def test_priority_is_case_insensitive(label: str, priority: Priority) -> None:
+    assert hints_from_labels([label]).priority == priority
+
+
+@pytest.mark.parametrize("value", ["critical", "p1", "highest", "3", "hi gh"])
+def test_unknown_priority_is_bad_input_naming_the_label(value: str) -> None:
+    label = f"priority:{value}"
+    with pytest.raises(BadUserInputError) as caught:
+        hints_from_labels(["bug", label])
+    assert caught.value.field == "labels"
+    assert caught.value.extensions == {"code": "BAD_USER_INPUT", "field": "labels"}
+    assert label in caught.value.message
+
+
+def test_the_field_name_can_be_chosen_by_the_caller() -> None:
+    with pytest.raises(BadUserInputError) as caught:
+        hints_from_labels(["priority:nope"], field="input.labels")
+    assert caught.value.field == "input.labels"
+
+
+@pytest.mark.parametrize("label", ["cap:", "priority:", "engine-class:", "profile:", "cap:  "])
+def test_a_hint_label_without_a_value_is_refused(label: str) -> None:
+    with pytest.raises(BadUserInputError) as caught:
+        hints_from_labels([label])
+    assert caught.value.field == "labels"
+    assert f"'{label}'" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("priority:high", "priority:low"),
+        ("engine-class:coder", "engine-class:reviewer"),
+        ("profile:fast", "profile:cheap"),
+        ("priority:high", "priority:bogus"),
+    ],
+)
+def test_contradicting_single_valued_hints_are_refused(first: str, second: str) -> None:
+    with pytest.raises(BadUserInputError) as caught:
+        hints_from_labels([first, "bug", second])
+    assert caught.value.field == "labels"
+    assert first in caught.value.message
+    assert second in caught.value.message
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["priority:high", "priority:high"],
+        ["priority:high", "priority:HIGH"],
+        ["engine-class:coder", "engine-class:coder"],
+        ["profile:fast", "profile: fast"],
+    ],
+)
+def test_repeating_the_same_hint_is_not_a_contradiction(labels: list[str]) -> None:
+    hints = hints_from_labels(labels)
+    assert hints != LabelHints()
+
+
+def test_duplicate_capabilities_are_deduplicated_in_first_seen_order() -> None:
+    hints = hints_from_labels(["cap:gpu", "cap:os:mac", "cap:gpu", "cap: os:mac", "cap:ram"])
+    assert hints.capabilities == ("gpu", "os:mac", "ram")
+
+
+# -- stage → item status ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("stage", "status"),
+    [
+        (JobStage.QUEUED, ItemStatus.IN_PROGRESS),
+        (JobStage.ASSIGNED, ItemStatus.IN_PROGRESS),
+        (JobStage.BUILDING, ItemStatus.IN_PROGRESS),
+        (JobStage.REVIEW, ItemStatus.IN_PROGRESS),
+        (JobStage.TESTING, ItemStatus.IN_PROGRESS),
+        (JobStage.SHIPPED, ItemStatus.DONE),
+        (JobStage.FAILED, ItemStatus.BLOCKED),
+        (JobStage.CANCELLED, None),
+    ],
+)
+def test_item_status_for_every_stage(stage: JobStage, status: ItemStatus | None) -> None:
+    assert item_status_for_stage(stage) == status
+
+
+def test_the_status_table_covers_all_eight_stages() -> None:
+    assert len(JobStage) == 8
+    for stage in JobStage:
+        item_status_for_stage(stage)  # raises KeyError for a stage left out
+
+
+# -- the echo comment ------------------------------------------------------------
+
+
+def figures(**overrides: object) -> JobFigures:
+    values: dict[str, object] = {
+        "job_id": 42, "stage": JobStage.SHIPPED, "attempts": 2, "max_attempts": 3,
+        "started_at": NOW - timedelta(seconds=95, milliseconds=250), "finished_at": NOW,
+        "cost_usd": 1.23456, "tokens_in": 1200, "tokens_out": 345,
+    }
+    values.update(overrides)
+    return JobFigures(**values)  # type: ignore[arg-type]
+
+
+def test_job_figures_hold_metrics_only() -> None:
+    names = {field.name for field in dataclasses.fields(JobFigures)}
+    assert names == {
+        "job_id", "stage", "attempts", "max_attempts", "started_at", "finished_at",
+        "cost_usd", "tokens_in", "tokens_out",
+    }
+    # Nothing but the figures, the status and the clock reaches the comment.
+    assert list(inspect.signature(echo_comment).parameters) == ["figures", "status", "now"]
+
+
+def test_echo_comment_with_every_metric() -> None:
+    text = echo_comment(figures(), ItemStatus.DONE, NOW + timedelta(hours=1))
+    assert text.splitlines() == [
+        "fleetbridge: job 42 is SHIPPED; item set to DONE.",
+        "- stage: SHIPPED",
+        "- attempts: 2/3",
+        "- duration: 95.2s",
+        "- cost: $1.2346",
+        "- tokens: 1200 in / 345 out",
+    ]
+
+
+def test_echo_comment_of_a_running_job_measures_duration_until_now() -> None:
+    running = figures(
+        stage=JobStage.BUILDING, started_at=NOW - timedelta(seconds=12), finished_at=None,
+        cost_usd=0.0, tokens_in=0, tokens_out=0,
+    )
+    text = echo_comment(running, ItemStatus.IN_PROGRESS, NOW)
+    assert text.splitlines() == [
+        "fleetbridge: job 42 is BUILDING; item set to IN_PROGRESS.",
+        "- stage: BUILDING",
+        "- attempts: 2/3",
+        "- duration: 12.0s",
+    ]
+
+
+def test_echo_comment_leaves_out_unknown_metrics() -> None:
+    queued = figures(
+        stage=JobStage.QUEUED, attempts=0, started_at=None, finished_at=None,
+        cost_usd=0.0, tokens_in=0, tokens_out=0,
+    )
+    text = echo_comment(queued, ItemStatus.IN_PROGRESS, NOW)
+    assert "duration" not in text
+    assert "cost" not in text
+    assert "tokens" not in text
+    assert text.splitlines()[1:] == ["- stage: QUEUED", "- attempts: 0/3"]
+
+
+def test_echo_comment_shows_tokens_when_only_one_direction_is_known() -> None:
+    text = echo_comment(figures(tokens_in=0, tokens_out=7), ItemStatus.DONE, NOW)
+    assert "- tokens: 0 in / 7 out" in text.splitlines()
+
+
+def test_echo_comment_never_reports_a_negative_duration() -> None:
+    skewed = figures(started_at=NOW + timedelta(seconds=5), finished_at=NOW)
+    assert "- duration: 0.0s" in echo_comment(skewed, ItemStatus.DONE, NOW).splitlines()
+
+
+def test_echo_comment_lines_are_only_known_metrics() -> None:
+    prefixes = ("fleetbridge: job ", "- stage: ", "- attempts: ", "- duration: ", "- cost: $",
+                "- tokens: ")
+    for stage, status in [(JobStage.FAILED, ItemStatus.BLOCKED),
+                          (JobStage.SHIPPED, ItemStatus.DONE),
+                          (JobStage.REVIEW, ItemStatus.IN_PROGRESS)]:
+        text = echo_comment(figures(stage=stage), status, NOW)
+        assert all(line.startswith(prefixes) for line in text.splitlines())
+        assert len(text.splitlines()) == 6
+
+
+# -- item → job spec -------------------------------------------------------------
+
+
+def item(**overrides: object) -> Item:
+    values: dict[str, object] = {
+        "id": 7, "product_id": "p", "title": "T", "description": "", "labels": [],
+        "status": ItemStatus.TODO,
+    }
+    values.update(overrides)
+    return Item(**values)
+
+
+def test_job_spec_maps_title_key_and_item() -> None:
+    spec = job_spec_for_item(item(description="Do **this**"), IngestOptions())
+    assert spec.title == "T"
+    assert spec.body_md == "Do **this**"
+    assert spec.tracker_item_id == 7
+    assert spec.idempotency_key == "tracker-7"
+    assert spec.priority == Priority.NORMAL
+    assert spec.capabilities == ()
+    assert spec.engine_class is None
+    assert spec.profile is None
+    assert spec.kind == "code"
+    assert spec.max_attempts == 3
+    assert spec.budget is None
+
+
+@pytest.mark.parametrize(
+    "description",
+    ["  leading and trailing  \n", "line one\r\nline two\n\n", "```py\nx = 1\n```", " "],
+)
+def test_body_is_the_description_verbatim(description: str) -> None:
+    assert job_spec_for_item(item(description=description), IngestOptions()).body_md == (
+        description
+    )
+
+
+def test_body_is_the_title_when_the_description_is_empty() -> None:
+    spec = job_spec_for_item(item(title="Fix login", description=""), IngestOptions())
+    assert spec.body_md == "Fix login"
+
+
+def test_labels_become_hints() -> None:
+    labelled = item(labels=["engine-class:agentic-coder", "priority:high", "cap:os:mac", "bug"])
+    spec = job_spec_for_item(labelled, IngestOptions())
+    assert spec.engine_class == "agentic-coder"
+    assert spec.priority == Priority.HIGH
+    assert spec.capabilities == ("os:mac",)
+    assert spec.profile is None
+
+
+def test_options_override_labels() -> None:
+    labelled = item(labels=[
+        "engine-class:agentic-coder", "priority:high", "cap:os:mac", "profile:fast",
+    ])
+    options = IngestOptions(
+        priority=Priority.LOW, capabilities=("gpu",), engine_class="reviewer",
+        profile="cheap", kind="review", max_attempts=5, budget=2.5,
+    )
+    spec = job_spec_for_item(labelled, options)
+    assert spec.priority == Priority.LOW
+    assert spec.capabilities == ("gpu",)
+    assert spec.engine_class == "reviewer"
+    assert spec.profile == "cheap"
+    assert spec.kind == "review"
+    assert spec.max_attempts == 5
+    assert spec.budget == 2.5
+    assert spec.idempotency_key == "tracker-7"
+
+
+def test_options_override_only_what_they_set() -> None:
+    labelled = item(labels=["priority:urgent", "cap:gpu", "profile:fast"])
+    spec = job_spec_for_item(labelled, IngestOptions(engine_class="coder"))
+    assert spec.engine_class == "coder"
+    assert spec.priority == Priority.URGENT
+    assert spec.capabilities == ("gpu",)
+    assert spec.profile == "fast"
+
+
+def test_an_explicit_empty_capability_list_overrides_the_labels() -> None:
+    spec = job_spec_for_item(item(labels=["cap:gpu"]), IngestOptions(capabilities=()))
+    assert spec.capabilities == ()
+
+
+def test_a_bad_priority_label_is_refused_even_when_options_set_the_priority() -> None:
+    with pytest.raises(BadUserInputError) as caught:
+        job_spec_for_item(item(labels=["priority:someday"]), IngestOptions(priority=Priority.LOW))
+    assert caught.value.field == "labels"
+    assert "priority:someday" in caught.value.message
