@@ -5,9 +5,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import Case, Select, and_, case, literal, or_, select, tuple_, type_coerce
+from sqlalchemy import (
+    Case,
+    Select,
+    and_,
+    case,
+    literal,
+    or_,
+    select,
+    tuple_,
+    type_coerce,
+    union_all,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.db import UTCDateTime
 from app.fleet.models import Job, JobStage, Priority
@@ -93,6 +105,26 @@ def _queue_of(product_id: str, priority: Priority, worker: WorkerProfile, now: d
     return stmt.order_by(Job.queued_at, Job.id)
 
 
+def claim_heads_query(product_id: str, worker: WorkerProfile, now: datetime) -> Select[Job]:
+    """PostgreSQL: the head of each priority's queue, locked, in one statement.
+
+    `WITH head_low AS (SELECT … LIMIT 1 FOR UPDATE SKIP LOCKED), … SELECT … FROM
+    head_low UNION ALL …` — PostgreSQL refuses row locks directly under UNION, so
+    each head is a CTE of its own.  Each is an index range scan of `ix_jobs_claim`
+    in queue order that stops at the first row passing the engine-class, profile
+    and capability (JSONB `<@`) filters and not locked by another claimer.
+    """
+    heads = [
+        _queue_of(product_id, priority, worker, now, postgres=True)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .cte(f"head_{priority.value.lower()}")
+        for priority in Priority
+    ]
+    union = union_all(*(select(head) for head in heads)).subquery("heads")
+    return select(aliased(Job, union))
+
+
 async def claim_candidates(
     session: AsyncSession, product_id: str, worker: WorkerProfile, now: datetime,
     *, window: int = CLAIM_WINDOW,
@@ -101,20 +133,18 @@ async def claim_candidates(
     choose from.  Each read walks the claim index `(product, stage, priority,
     queued_at, id)`, so its cost does not grow with the length of the queue.
 
-    On PostgreSQL the heads are locked `FOR UPDATE SKIP LOCKED`: a concurrent claimer
-    passes over them instead of waiting, and can never take the same job.  On SQLite
-    the caller's transaction already holds the write lock.
+    On PostgreSQL all four heads come from one statement (`claim_heads_query`),
+    each locked `FOR UPDATE SKIP LOCKED`: a concurrent claimer passes over them
+    instead of waiting, and can never take the same job.  On SQLite the caller's
+    transaction already holds the write lock.
     """
     postgres = _dialect(session) == "postgresql"
+    if postgres:
+        heads_stmt = claim_heads_query(product_id, worker, now)
+        return list((await session.execute(heads_stmt)).scalars().all())
     heads: list[Job] = []
     for priority in Priority:
         stmt = _queue_of(product_id, priority, worker, now, postgres)
-        if postgres:
-            stmt = stmt.limit(1).with_for_update(skip_locked=True)
-            head = (await session.execute(stmt)).scalar_one_or_none()
-            if head is not None:
-                heads.append(head)
-            continue
         after: tuple[datetime, int] | None = None
         while True:
             page_stmt = stmt
