@@ -19,7 +19,7 @@ For every claimed job the worker:
    `exit code N` (`killed by signal N`).  Exit code 75 (`EX_TEMPFAIL` of sysexits.h)
    reports the failure as retryable, so the job is queued again while it has attempts
    left.  Stopping the worker (SIGINT/SIGTERM) kills the command and reports a
-   retryable failure too.
+   retryable failure too, as does a command that cannot be started.
 
 The command may write `{"costUsd": 0.1, "tokensIn": 10, "tokensOut": 5}` to the file
 named by `FLEET_METRICS_FILE`; those figures are sent with the final transition.
@@ -288,11 +288,13 @@ class Worker:
 
         with tempfile.TemporaryDirectory(prefix="fleet-job-") as scratch:
             metrics_file = Path(scratch) / "metrics.json"
-            process = await asyncio.create_subprocess_exec(
-                *self.config.command,
-                stdin=asyncio.subprocess.PIPE,
-                env=job_environment(job, self.config.worker_id, metrics_file),
-            )
+            try:
+                process = await asyncio.create_subprocess_exec(
+                    *self.config.command, stdin=asyncio.subprocess.PIPE,
+                    env=job_environment(job, self.config.worker_id, metrics_file),
+                )
+            except OSError as exc:  # not found, not executable: another worker may do
+                return await self._report(job, -1, f"cannot run the command: {exc}", True, None)
             feeder = asyncio.create_task(_feed_stdin(process, str(job.fields.get("bodyMd") or "")))
             lease_lost = asyncio.create_task(self._keep_lease(job))
             waiter = asyncio.create_task(process.wait())

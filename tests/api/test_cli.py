@@ -238,6 +238,24 @@ async def test_exit_tempfail_is_a_retryable_failure(live_server, http_client, ma
         "QUEUED", 1, f"exit code {EX_TEMPFAIL}")
 
 
+async def test_a_command_that_cannot_start_is_a_retryable_failure(
+    live_server, http_client, make_token
+):
+    server = await live_server()
+    member = http_client(server, await make_token("acme", Role.MEMBER))
+    _, job_id = await _ingested_job(member, "the body", [])
+    client = FleetClient(f"{server.url}/graphql", await make_token("acme", Role.WORKER))
+    config = WorkerConfig(command=["/nonexistent/agent"], worker_id="w", once=True)
+    try:
+        [outcome] = await asyncio.wait_for(Worker(client, config).run(), DEADLINE)
+    finally:
+        await client.aclose()
+    assert outcome.stage == "QUEUED"
+    job = (await member.data(JOB, id=job_id))["job"]
+    assert job["stage"] == "QUEUED"
+    assert job["failureReason"].startswith("cannot run the command")
+
+
 async def test_a_lost_lease_kills_the_command(live_server, http_client, make_token):
     server = await live_server()
     member = http_client(server, await make_token("acme", Role.MEMBER))
