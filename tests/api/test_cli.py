@@ -285,6 +285,36 @@ async def test_a_lost_lease_kills_the_command(live_server, http_client, make_tok
     assert (job["stage"], job["lease"]) == ("CANCELLED", None)
 
 
+async def test_stopping_the_worker_kills_the_command_and_requeues_the_job(
+    live_server, http_client, make_token
+):
+    server = await live_server()
+    member = http_client(server, await make_token("acme", Role.MEMBER))
+    _, job_id = await _ingested_job(member, "the body", [])
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "worker", "--url", f"{server.url}/graphql",
+        "--", sys.executable, "-c", "import time; time.sleep(120)",
+        cwd=ROOT, env=cli_env(FLEET_TOKEN=await make_token("acme", Role.WORKER)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + DEADLINE
+        while (await member.data(JOB, id=job_id))["job"]["stage"] != "BUILDING":
+            assert process.returncode is None, "the worker exited early"
+            assert time.monotonic() < deadline, "the worker never started the job"
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), DEADLINE)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, err.decode()
+    job = (await member.data(JOB, id=job_id))["job"]
+    assert (job["stage"], job["attempts"], job["failureReason"]) == (
+        "QUEUED", 1, "worker stopped")
+
+
 # -- watch -------------------------------------------------------------------------
 
 
