@@ -13,7 +13,7 @@ A stream remembers the last sequence it delivered and relies on that:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
 from app.errors import BadUserInputError
@@ -66,7 +66,7 @@ class EventStreams:
     async def stream(
         self, product_id: str, event_filter: EventFilter, after: str | None = None,
         on_ready: Callable[[], None] | None = None,
-    ) -> AsyncIterator[EventRecord]:
+    ) -> AsyncGenerator[EventRecord, None]:
         async with self.hub.subscribe(product_id) as subscriber:
             last = await self.start_position(product_id, after)
             if on_ready is not None:

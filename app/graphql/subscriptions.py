@@ -8,6 +8,7 @@ and `item` fields hold the entity as it is when the event is delivered.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 
 import strawberry
 from strawberry.types import Info
@@ -43,19 +44,21 @@ class Subscription:
         principal = info.context.require(Permission.READ)
         event_filter = filter_for(JOB_STAGE_EVENTS, _entity_filter("jobId", job_id))
         services = info.context.services
-        async for record in services.streams.stream(principal.product_id, event_filter, after):
-            async with services.db.read() as session:
-                row = await fleet_repository.get_job(
-                    session, principal.product_id, record.entity_id
+        stream = services.streams.stream(principal.product_id, event_filter, after)
+        async with aclosing(stream):  # leave the hub as soon as the client goes
+            async for record in stream:
+                async with services.db.read() as session:
+                    row = await fleet_repository.get_job(
+                        session, principal.product_id, record.entity_id
+                    )
+                yield JobStageEvent(
+                    cursor=record.cursor,
+                    job_id=strawberry.ID(str(record.entity_id)),
+                    from_=JobStageModel(record.from_state) if record.from_state else None,
+                    to=JobStageModel(record.to_state or ""),
+                    at=record.created_at,
+                    job=Job.from_model(row) if row is not None else None,
                 )
-            yield JobStageEvent(
-                cursor=record.cursor,
-                job_id=strawberry.ID(str(record.entity_id)),
-                from_=JobStageModel(record.from_state) if record.from_state else None,
-                to=JobStageModel(record.to_state or ""),
-                at=record.created_at,
-                job=Job.from_model(row) if row is not None else None,
-            )
 
     @strawberry.subscription
     async def item_status_changed(
@@ -65,16 +68,18 @@ class Subscription:
         principal = info.context.require(Permission.READ)
         event_filter = filter_for(ITEM_STATUS_EVENTS, _entity_filter("itemId", item_id))
         services = info.context.services
-        async for record in services.streams.stream(principal.product_id, event_filter, after):
-            async with services.db.read() as session:
-                row = await tracker_repository.get_item(
-                    session, principal.product_id, record.entity_id
+        stream = services.streams.stream(principal.product_id, event_filter, after)
+        async with aclosing(stream):  # leave the hub as soon as the client goes
+            async for record in stream:
+                async with services.db.read() as session:
+                    row = await tracker_repository.get_item(
+                        session, principal.product_id, record.entity_id
+                    )
+                yield ItemStatusEvent(
+                    cursor=record.cursor,
+                    item_id=strawberry.ID(str(record.entity_id)),
+                    from_=ItemStatusModel(record.from_state) if record.from_state else None,
+                    to=ItemStatusModel(record.to_state or ""),
+                    at=record.created_at,
+                    item=Item.from_model(row) if row is not None else None,
                 )
-            yield ItemStatusEvent(
-                cursor=record.cursor,
-                item_id=strawberry.ID(str(record.entity_id)),
-                from_=ItemStatusModel(record.from_state) if record.from_state else None,
-                to=ItemStatusModel(record.to_state or ""),
-                at=record.created_at,
-                item=Item.from_model(row) if row is not None else None,
-            )

@@ -7,6 +7,8 @@ an anonymous or unknown token is refused there, before any subscription starts.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import Any
 
 from starlette.requests import Request
@@ -14,13 +16,37 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types.unset import UnsetType
 
 from app.auth.service import Principal, authenticate, parse_bearer
 from app.graphql.context import Context, Services
 
 
+class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
+    """The legacy `graphql-ws` protocol has no init timeout of its own in strawberry;
+    apply the view's `connection_init_wait_timeout` here too (close code 4408, as
+    `graphql-transport-ws` does), so an idle unauthenticated socket cannot linger."""
+
+    async def handle(self) -> None:
+        timer = asyncio.create_task(self._close_unless_acknowledged())
+        try:
+            await super().handle()
+        finally:
+            timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await timer
+
+    async def _close_unless_acknowledged(self) -> None:
+        await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
+        if not self.connection_acknowledged:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code=4408, reason="Connection initialisation timeout")
+
+
 class FleetGraphQL(GraphQL[Context, None]):
+    graphql_ws_handler_class = LegacyGraphQLWSHandler
+
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
