@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from typing import Any
 
+from cross_web import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
@@ -77,3 +78,12 @@ class FleetGraphQL(GraphQL[Context, None]):
             return None
         async with services.db.read() as session:
             return await authenticate(session, secret)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        """A GraphQL request body (and its `variables`) is a JSON object, or a list for a
+        batch.  strawberry would crash on a bare `null`, number or string and answer
+        500; refuse those with a 400 instead."""
+        value = super().parse_json(data)
+        if not isinstance(value, dict | list):
+            raise HTTPException(400, "The request body must be a JSON object")
+        return value
