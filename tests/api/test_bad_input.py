@@ -22,6 +22,10 @@ LONG_TITLE = "t" * (limits.TITLE_MAX + 1)
 LONG_NAME = "n" * (limits.NAME_MAX + 1)
 TOO_MANY_NAMES = [f"name-{n}" for n in range(limits.NAMES_MAX + 1)]
 LONG_REASON = "r" * (limits.REASON_MAX + 1)
+LONG_DESCRIPTION = "d" * (limits.DESCRIPTION_MAX + 1)
+LONG_LABEL = "l" * (limits.LABEL_MAX + 1)
+LONG_KEY = "k" * (limits.IDEMPOTENCY_KEY_MAX + 1)
+TOO_MANY_LABELS = [f"l{n}" for n in range(limits.LABELS_MAX + 1)]
 
 # Everything a refused request could have touched, including the event log's head.
 STATE = """{
@@ -64,12 +68,20 @@ class Case:
     operation: str
     variables: dict[str, Any]
     field: str
-    role: str = "member"
     message: str | None = None  # a fragment the error message must hold
+
+
+def _role_for(operation: str) -> str:
+    """Fleet work is the worker's; everything else here is the member's."""
+    return "worker" if operation in (CLAIM, HEARTBEAT, TRANSITION) else "member"
 
 
 def _item_input(**overrides: Any) -> dict[str, Any]:
     return {"input": {"title": "ok", **overrides}}
+
+
+def _update(**changes: Any) -> dict[str, Any]:
+    return {"id": "$item", "input": changes}
 
 
 def _job_input(**overrides: Any) -> dict[str, Any]:
@@ -78,6 +90,14 @@ def _job_input(**overrides: Any) -> dict[str, Any]:
 
 def _worker(**overrides: Any) -> dict[str, Any]:
     return {"worker": {"workerId": "w-bad", **overrides}}
+
+
+def _options(**options: Any) -> dict[str, Any]:
+    return {"id": "$fresh_item", "options": options}  # an item without a job yet
+
+
+def _lease(seconds: int) -> dict[str, Any]:
+    return {"id": "$claimed_job", "fence": "$fence", "leaseSeconds": seconds}
 
 
 def _transition(**overrides: Any) -> dict[str, Any]:
@@ -90,26 +110,19 @@ CASES: dict[str, list[Case]] = {
         Case(CREATE_ITEM, _item_input(title="   "), "input.title"),
         Case(CREATE_ITEM, _item_input(title=LONG_TITLE), "input.title"),
         Case(CREATE_ITEM, _item_input(title="nul\x00byte"), "input.title"),
-        Case(CREATE_ITEM, _item_input(description="d" * (limits.DESCRIPTION_MAX + 1)),
-             "input.description"),
-        Case(CREATE_ITEM, _item_input(labels=[f"l{n}" for n in range(limits.LABELS_MAX + 1)]),
-             "input.labels"),
-        Case(CREATE_ITEM, _item_input(labels=["ok", "l" * (limits.LABEL_MAX + 1)]),
-             "input.labels"),
+        Case(CREATE_ITEM, _item_input(description=LONG_DESCRIPTION), "input.description"),
+        Case(CREATE_ITEM, _item_input(labels=TOO_MANY_LABELS), "input.labels"),
+        Case(CREATE_ITEM, _item_input(labels=["ok", LONG_LABEL]), "input.labels"),
         Case(CREATE_ITEM, _item_input(labels=[""]), "input.labels"),
     ],
     "updateItem": [
-        Case(UPDATE_ITEM, {"id": "$item", "input": {"title": ""}}, "input.title"),
-        Case(UPDATE_ITEM, {"id": "$item", "input": {"title": LONG_TITLE}}, "input.title"),
-        Case(UPDATE_ITEM, {"id": "$item", "input": {
-            "description": "d" * (limits.DESCRIPTION_MAX + 1)}}, "input.description"),
-        Case(UPDATE_ITEM, {"id": "$item", "input": {
-            "labels": [f"l{n}" for n in range(limits.LABELS_MAX + 1)]}}, "input.labels"),
-        Case(UPDATE_ITEM, {"id": "$item", "input": {
-            "labels": ["l" * (limits.LABEL_MAX + 1)]}}, "input.labels"),
+        Case(UPDATE_ITEM, _update(title=""), "input.title"),
+        Case(UPDATE_ITEM, _update(title=LONG_TITLE), "input.title"),
+        Case(UPDATE_ITEM, _update(description=LONG_DESCRIPTION), "input.description"),
+        Case(UPDATE_ITEM, _update(labels=TOO_MANY_LABELS), "input.labels"),
+        Case(UPDATE_ITEM, _update(labels=[LONG_LABEL]), "input.labels"),
         # a valid change next to a bad one is not half-applied
-        Case(UPDATE_ITEM, {"id": "$item", "input": {"status": "DONE", "title": ""}},
-             "input.title"),
+        Case(UPDATE_ITEM, _update(status="DONE", title=""), "input.title"),
     ],
     "addComment": [
         Case(ADD_COMMENT, {"id": "$item", "body": ""}, "body"),
@@ -132,61 +145,43 @@ CASES: dict[str, list[Case]] = {
         Case(SUBMIT, _job_input(budget=limits.BUDGET_MAX * 2), "input.budget"),
         Case(SUBMIT, _job_input(maxAttempts=0), "input.maxAttempts"),
         Case(SUBMIT, _job_input(maxAttempts=limits.MAX_ATTEMPTS_MAX + 1), "input.maxAttempts"),
-        Case(SUBMIT, _job_input(idempotencyKey="k" * (limits.IDEMPOTENCY_KEY_MAX + 1)),
-             "input.idempotencyKey"),
+        Case(SUBMIT, _job_input(idempotencyKey=LONG_KEY), "input.idempotencyKey"),
     ],
     "ingestItemAsJob": [
-        Case(INGEST, {"id": "$fresh_item", "options": {"capabilities": TOO_MANY_NAMES}},
-             "options.capabilities"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"capabilities": [LONG_NAME]}},
-             "options.capabilities"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"engineClass": LONG_NAME}},
-             "options.engineClass"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"profile": LONG_NAME}},
-             "options.profile"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"kind": "k" * (limits.KIND_MAX + 1)}},
-             "options.kind"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"maxAttempts": 0}},
-             "options.maxAttempts"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"maxAttempts": 21}},
-             "options.maxAttempts"),
-        Case(INGEST, {"id": "$fresh_item", "options": {"budget": -1.0}}, "options.budget"),
+        Case(INGEST, _options(capabilities=TOO_MANY_NAMES), "options.capabilities"),
+        Case(INGEST, _options(capabilities=[LONG_NAME]), "options.capabilities"),
+        Case(INGEST, _options(engineClass=LONG_NAME), "options.engineClass"),
+        Case(INGEST, _options(profile=LONG_NAME), "options.profile"),
+        Case(INGEST, _options(kind="k" * (limits.KIND_MAX + 1)), "options.kind"),
+        Case(INGEST, _options(maxAttempts=0), "options.maxAttempts"),
+        Case(INGEST, _options(maxAttempts=21), "options.maxAttempts"),
+        Case(INGEST, _options(budget=-1.0), "options.budget"),
         # an unknown priority label names the label (DESIGN §4)
         Case(INGEST, {"id": "$bad_priority_item"}, "labels", message="priority:someday"),
     ],
     "claimNextJob": [
-        Case(CLAIM, _worker(workerId=""), "worker.workerId", role="worker"),
-        Case(CLAIM, _worker(workerId="w" * (limits.WORKER_ID_MAX + 1)), "worker.workerId",
-             role="worker"),
-        Case(CLAIM, _worker(capabilities=TOO_MANY_NAMES), "worker.capabilities", role="worker"),
-        Case(CLAIM, _worker(capabilities=[LONG_NAME]), "worker.capabilities", role="worker"),
-        Case(CLAIM, _worker(engineClasses=[""]), "worker.engineClasses", role="worker"),
-        Case(CLAIM, _worker(profiles=[LONG_NAME]), "worker.profiles", role="worker"),
-        Case(CLAIM, _worker(leaseSeconds=limits.LEASE_SECONDS_MIN - 1), "worker.leaseSeconds",
-             role="worker"),
-        Case(CLAIM, _worker(leaseSeconds=-1), "worker.leaseSeconds", role="worker"),
-        Case(CLAIM, _worker(leaseSeconds=limits.LEASE_SECONDS_MAX + 1), "worker.leaseSeconds",
-             role="worker"),
+        Case(CLAIM, _worker(workerId=""), "worker.workerId"),
+        Case(CLAIM, _worker(workerId="w" * (limits.WORKER_ID_MAX + 1)), "worker.workerId"),
+        Case(CLAIM, _worker(capabilities=TOO_MANY_NAMES), "worker.capabilities"),
+        Case(CLAIM, _worker(capabilities=[LONG_NAME]), "worker.capabilities"),
+        Case(CLAIM, _worker(engineClasses=[""]), "worker.engineClasses"),
+        Case(CLAIM, _worker(profiles=[LONG_NAME]), "worker.profiles"),
+        Case(CLAIM, _worker(leaseSeconds=limits.LEASE_SECONDS_MIN - 1), "worker.leaseSeconds"),
+        Case(CLAIM, _worker(leaseSeconds=-1), "worker.leaseSeconds"),
+        Case(CLAIM, _worker(leaseSeconds=limits.LEASE_SECONDS_MAX + 1), "worker.leaseSeconds"),
     ],
     "heartbeat": [
-        Case(HEARTBEAT, {"id": "$claimed_job", "fence": "$fence",
-                         "leaseSeconds": limits.LEASE_SECONDS_MIN - 1}, "leaseSeconds",
-             role="worker"),
-        Case(HEARTBEAT, {"id": "$claimed_job", "fence": "$fence",
-                         "leaseSeconds": limits.LEASE_SECONDS_MAX + 1}, "leaseSeconds",
-             role="worker"),
+        Case(HEARTBEAT, _lease(limits.LEASE_SECONDS_MIN - 1), "leaseSeconds"),
+        Case(HEARTBEAT, _lease(limits.LEASE_SECONDS_MAX + 1), "leaseSeconds"),
     ],
     "transitionJob": [
-        Case(TRANSITION, _transition(metrics={"costUsd": -0.5}), "metrics.costUsd",
-             role="worker"),
+        Case(TRANSITION, _transition(metrics={"costUsd": -0.5}), "metrics.costUsd"),
         Case(TRANSITION, _transition(metrics={"costUsd": limits.COST_MAX * 2}),
-             "metrics.costUsd", role="worker"),
-        Case(TRANSITION, _transition(metrics={"tokensIn": -1}), "metrics.tokensIn",
-             role="worker"),
-        Case(TRANSITION, _transition(metrics={"tokensOut": -1}), "metrics.tokensOut",
-             role="worker"),
-        Case(TRANSITION, _transition(reason=LONG_REASON), "reason", role="worker"),
-        Case(TRANSITION, _transition(to="FAILED", reason=""), "reason", role="worker"),
+             "metrics.costUsd"),
+        Case(TRANSITION, _transition(metrics={"tokensIn": -1}), "metrics.tokensIn"),
+        Case(TRANSITION, _transition(metrics={"tokensOut": -1}), "metrics.tokensOut"),
+        Case(TRANSITION, _transition(reason=LONG_REASON), "reason"),
+        Case(TRANSITION, _transition(to="FAILED", reason=""), "reason"),
     ],
     "cancelJob": [
         Case(CANCEL, {"id": "$queued_job", "reason": LONG_REASON}, "reason"),
@@ -199,7 +194,7 @@ CASES: dict[str, list[Case]] = {
         Case(ITEMS, {"after": "%%%"}, "after"),
         Case(ITEMS, {"after": encode_cursor("job", 1)}, "after"),  # another list's cursor
         Case(ITEMS, {"after": encode_cursor("item", 10**30)}, "after"),  # beyond any row id
-        Case(ITEMS, {"label": "l" * (limits.LABEL_MAX + 1)}, "label"),
+        Case(ITEMS, {"label": LONG_LABEL}, "label"),
         Case(JOBS, {"first": 0}, "first"),
         Case(JOBS, {"first": limits.PAGE_SIZE_MAX + 1}, "first"),
         Case(JOBS, {"after": "garbage"}, "after"),
@@ -276,7 +271,7 @@ async def _post(client: Any, query: str, variables: dict[str, Any] | None = None
 
 async def _check_case(scene: Scene, case: Case, before: dict[str, Any]) -> str | None:
     """None when the case is refused as it should be; otherwise what went wrong."""
-    response = await _post(scene.clients[case.role], case.operation,
+    response = await _post(scene.clients[_role_for(case.operation)], case.operation,
                            scene.resolve(case.variables))
     errors = response.json().get("errors") or []
     if [error.get("extensions") for error in errors] != [
@@ -319,32 +314,30 @@ MALFORMED_IDS = [  # the last is a full-width digit one
     "abc", "-1", "0", "1.5", " 1", "", "9" * 30, "99999999", "0x10", "\uff11",
 ]
 
-ID_MUTATIONS = [
-    ("updateItem", UPDATE_ITEM, lambda bad, s: {"id": bad, "input": {"title": "x"}}, "member"),
-    ("addComment", ADD_COMMENT, lambda bad, s: {"id": bad, "body": "x"}, "member"),
-    ("ingestItemAsJob", INGEST, lambda bad, s: {"id": bad}, "member"),
-    ("submitJob", SUBMIT, lambda bad, s: _job_input(trackerItemId=bad), "member"),
-    ("echoJobToItem", ECHO, lambda bad, s: {"id": bad}, "member"),
-    ("cancelJob", CANCEL, lambda bad, s: {"id": bad}, "member"),
-    ("retryJob", RETRY, lambda bad, s: {"id": bad}, "member"),
-    ("heartbeat", HEARTBEAT, lambda bad, s: {"id": bad, "fence": s.ids["fence"]}, "worker"),
-    ("transitionJob", TRANSITION,
-     lambda bad, s: {"id": bad, "fence": s.ids["fence"], "to": "BUILDING"}, "worker"),
-]
+ID_MUTATIONS = {  # operation → variables naming the bad id
+    UPDATE_ITEM: lambda bad, s: {"id": bad, "input": {"title": "x"}},
+    ADD_COMMENT: lambda bad, s: {"id": bad, "body": "x"},
+    INGEST: lambda bad, s: {"id": bad},
+    SUBMIT: lambda bad, s: _job_input(trackerItemId=bad),
+    ECHO: lambda bad, s: {"id": bad},
+    CANCEL: lambda bad, s: {"id": bad},
+    RETRY: lambda bad, s: {"id": bad},
+    HEARTBEAT: lambda bad, s: {"id": bad, "fence": s.ids["fence"]},
+    TRANSITION: lambda bad, s: {"id": bad, "fence": s.ids["fence"], "to": "BUILDING"},
+}
+READ_BY_ID = "query($id: ID!) { item(id: $id) { id } job(id: $id) { id } }"
 
 
 async def test_malformed_or_unknown_ids_are_not_found_or_null(scene):
     before = await scene.state()
     for bad in MALFORMED_IDS:
-        for name, operation, variables, role in ID_MUTATIONS:
-            response = await _post(scene.clients[role], operation, variables(bad, scene))
-            assert error_codes(response.json()) == ["NOT_FOUND"], (name, bad, response.text)
-        for role in ("member", "worker"):
-            response = await _post(
-                scene.clients[role],
-                "query($id: ID!) { item(id: $id) { id } job(id: $id) { id } }", {"id": bad},
-            )
-            assert response.json() == {"data": {"item": None, "job": None}}, (bad, role)
+        for operation, variables in ID_MUTATIONS.items():
+            client = scene.clients[_role_for(operation)]
+            response = await _post(client, operation, variables(bad, scene))
+            assert error_codes(response.json()) == ["NOT_FOUND"], (bad, response.text)
+        for client in scene.clients.values():
+            response = await _post(client, READ_BY_ID, {"id": bad})
+            assert response.json() == {"data": {"item": None, "job": None}}, bad
     assert await scene.state() == before
 
 
@@ -358,7 +351,6 @@ WRONG_TYPES = [
     ("query($s: JobStage) { jobs(stage: $s) { nodes { id } } }", {"s": "LAUNCHED"}),
     (CREATE_ITEM, {"input": {"title": 5}}),
     (CREATE_ITEM, {"input": {"title": "x", "status": "FINISHED"}}),
-    (CREATE_ITEM, {"input": {"title": "x", "labels": "not-a-list-of-strings", "bogus": 1}}),
     (CREATE_ITEM, {"input": {"title": "x", "unknownField": True}}),
     (CREATE_ITEM, {"input": {"title": None}}),
     (CREATE_ITEM, {}),  # a required variable missing
@@ -384,25 +376,14 @@ REFUSAL_CODES = {"GRAPHQL_VALIDATION_FAILED", "BAD_USER_INPUT"}
 async def test_wrong_types_and_invalid_enums_are_refused_with_a_code(scene):
     before = await scene.state()
     for query, variables in WRONG_TYPES:
-        client = scene.clients["worker" if "transitionJob" in query or "claimNext" in query
-                               else "member"]
-        response = await _post(client, query, scene.resolve(variables))
+        response = await _post(scene.clients[_role_for(query)], query,
+                               scene.resolve(variables))
         body = response.json()
         codes = error_codes(body)
         assert codes, (query, variables, body)
         assert set(codes) <= REFUSAL_CODES, (query, variables, body)
         assert not body.get("data"), body
     assert await scene.state() == before
-
-
-async def test_requests_that_are_not_graphql_are_refused_without_a_500(scene):
-    client = scene.clients["member"]
-    headers = {"Authorization": f"Bearer {client.token}", "Content-Type": "application/json"}
-    for raw in ("{not json", "[]", "null", '{"variables": {}}', '{"query": 5}',
-                '{"query": "{ viewer { role } }", "variables": "not an object"}'):
-        response = await client.http.post("/graphql", content=raw, headers=headers)
-        assert 400 <= response.status_code < 500, (raw, response.status_code, response.text)
-        assert "Traceback" not in response.text
 
 
 def _query_of_depth(depth: int) -> str:
@@ -414,51 +395,37 @@ def _query_of_depth(depth: int) -> str:
     return f'query Deep {{ item(id: "1") {{ id {inner} }} }}'
 
 
-async def test_query_depth_limit(scene):
-    member = scene.clients["member"]
-    at_the_limit = await _post(member, _query_of_depth(MAX_DEPTH))
-    assert not at_the_limit.json().get("errors"), at_the_limit.text
-    deep = await _post(member, _query_of_depth(MAX_DEPTH + 1))
-    body = deep.json()
+async def _assert_refused(client: Any, query: str, reason: str) -> None:
+    body = (await _post(client, query)).json()
     assert set(error_codes(body)) == {"GRAPHQL_VALIDATION_FAILED"}, body
-    assert "depth" in body["errors"][0]["message"].lower()
+    assert reason in body["errors"][0]["message"].lower(), body
     assert not body.get("data")
 
 
-async def test_token_limit(scene):
+async def test_depth_token_and_alias_limits_refuse_before_anything_runs(scene):
     before = await scene.state()
     member = scene.clients["member"]
-    many_fields = " ".join(["productId"] * (MAX_TOKENS + 10))
-    refused = (await _post(member, f"{{ viewer {{ {many_fields} }} }}")).json()
-    assert set(error_codes(refused)) == {"GRAPHQL_VALIDATION_FAILED"}, refused
-    assert "token" in refused["errors"][0]["message"].lower()
-    assert not refused.get("data")
-    # a mutation over the limit is refused before anything runs
+    at_the_limit = await _post(member, _query_of_depth(MAX_DEPTH))
+    assert not at_the_limit.json().get("errors"), at_the_limit.text
+    await _assert_refused(member, _query_of_depth(MAX_DEPTH + 1), "depth")
+
+    too_long = " ".join(["productId"] * (MAX_TOKENS + 10))
+    await _assert_refused(member, f"{{ viewer {{ {too_long} }} }}", "token")
     padding = " ".join(["id"] * (MAX_TOKENS + 10))
-    mutation = f'mutation {{ createItem(input: {{title: "padded"}}) {{ {padding} }} }}'
-    refused = (await _post(member, mutation)).json()
-    assert set(error_codes(refused)) == {"GRAPHQL_VALIDATION_FAILED"}, refused
-    assert not refused.get("data")
-    assert await scene.state() == before
-
-
-async def test_alias_limit(scene):
-    before = await scene.state()
-    member = scene.clients["member"]
-    allowed = " ".join(f"a{n}: viewer {{ role }}" for n in range(MAX_ALIASES))
-    assert not (await _post(member, f"{{ {allowed} }}")).json().get("errors")
-    too_many = " ".join(f"a{n}: viewer {{ role }}" for n in range(MAX_ALIASES + 1))
-    refused = (await _post(member, f"{{ {too_many} }}")).json()
-    assert set(error_codes(refused)) == {"GRAPHQL_VALIDATION_FAILED"}, refused
-    assert "alias" in refused["errors"][0]["message"].lower()
-    # many aliased mutations are refused as a whole: not one of them runs
-    creates = " ".join(
-        f'c{n}: createItem(input: {{title: "alias {n}"}}) {{ id }}'
-        for n in range(MAX_ALIASES + 1)
+    await _assert_refused(
+        member, f'mutation {{ createItem(input: {{title: "padded"}}) {{ {padding} }} }}', "token"
     )
-    refused = (await _post(member, f"mutation {{ {creates} }}")).json()
-    assert set(error_codes(refused)) == {"GRAPHQL_VALIDATION_FAILED"}, refused
-    assert not refused.get("data")
+
+    def aliased(count: int, field: str) -> str:
+        return " ".join(f"a{n}: {field}" for n in range(count))
+
+    allowed = await _post(member, f"{{ {aliased(MAX_ALIASES, 'viewer { role }')} }}")
+    assert not allowed.json().get("errors")
+    await _assert_refused(member, f"{{ {aliased(MAX_ALIASES + 1, 'viewer { role }')} }}",
+                          "alias")
+    # many aliased mutations are refused as a whole: not one of them runs
+    create = 'createItem(input: {title: "aliased"}) { id }'
+    await _assert_refused(member, f"mutation {{ {aliased(MAX_ALIASES + 1, create)} }}", "alias")
     assert await scene.state() == before
 
 

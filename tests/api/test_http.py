@@ -245,3 +245,17 @@ async def test_graphql_get_without_html_accept_is_not_a_server_error(live_server
         headers={"Accept": "application/json"},
     )
     assert error_codes(unauthenticated.json()) == ["UNAUTHENTICATED"]
+
+
+async def test_request_bodies_that_are_not_graphql_are_a_400(live_server, http_client,
+                                                             make_token):
+    member = await _member(live_server, http_client, make_token)
+    headers = {"Authorization": f"Bearer {member.token}", "Content-Type": "application/json"}
+    for raw in ("{not json", "[]", "null", "5", '"a string"', '{"variables": {}}',
+                '{"query": 5}', '{"query": "{ viewer { role } }", "variables": "not an object"}'):
+        response = await member.http.post("/graphql", content=raw, headers=headers)
+        assert 400 <= response.status_code < 500, (raw, response.status_code, response.text)
+        assert "Traceback" not in response.text
+    wrong_type = await member.http.post("/graphql", content="query=1",
+                                        headers={**headers, "Content-Type": "text/plain"})
+    assert 400 <= wrong_type.status_code < 500
