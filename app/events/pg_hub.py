@@ -95,7 +95,7 @@ class PostgresHub(LocalHub):
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._connection: asyncpg.Connection | None = None
-        self._connection_lost = asyncio.Event()
+        self._connection_lost: asyncio.Event | None = None
         # Observable counters (logs, tests): listening connections opened, wake-ups
         # received, poll passes that found missing events.
         self.connections_opened = 0
@@ -197,9 +197,10 @@ class PostgresHub(LocalHub):
         except BaseException:
             await connection.close(timeout=1)
             raise
-        self._connection_lost.clear()
-        connection.add_termination_listener(lambda _: self._connection_lost.set())
-        self._connection = connection
+        # One event per connection: a late signal from an old one must not count.
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _: lost.set())
+        self._connection, self._connection_lost = connection, lost
         self.connections_opened += 1
         return connection
 
@@ -227,11 +228,13 @@ class PostgresHub(LocalHub):
 
     async def _until_lost(self, connection: asyncpg.Connection) -> None:
         """Return when the listening connection is gone (probed every poll)."""
+        lost = self._connection_lost
+        assert lost is not None
         while not connection.is_closed():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.poll_seconds):
-                    await self._connection_lost.wait()
-            if self._connection_lost.is_set():
+                    await lost.wait()
+            if lost.is_set():
                 return
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT_SECONDS):
