@@ -100,15 +100,19 @@ async def test_claim_heads_walk_the_claim_index_with_20k_queued(make_runtime, ma
     assert all(scan["Actual Rows"] == 1 for scan in scans)
     assert all(scan.get("Rows Removed by Filter", 0) <= 2 for scan in scans)
 
-    # and the scheduler picks among the heads: the oldest URGENT job without a gpu
-    started = time.perf_counter()
-    async with db.unit_of_work() as session:
-        job = await runtime.services.fleet.claim_next_job(session, "acme", worker)
-        assert job is not None
-        claimed = (job.title, job.priority, job.capabilities, job.stage)
-    elapsed_ms = (time.perf_counter() - started) * 1000
-    print(f"claim over 20000 queued: {elapsed_ms:.1f} ms")
-    assert claimed == ("bulk 19999", Priority.URGENT, [], JobStage.ASSIGNED)
+    # and the scheduler picks among the heads: the oldest URGENT jobs without a gpu
+    claimed, timings = [], []
+    for _ in range(2):
+        started = time.perf_counter()
+        async with db.unit_of_work() as session:
+            job = await runtime.services.fleet.claim_next_job(session, "acme", worker)
+            assert job is not None
+            claimed.append((job.title, job.priority, job.capabilities, job.stage))
+        timings.append((time.perf_counter() - started) * 1000)
+    print(f"claims over 20000 queued: first {timings[0]:.1f} ms (cold), "
+          f"then {timings[1]:.1f} ms")
+    assert claimed == [("bulk 19999", Priority.URGENT, [], JobStage.ASSIGNED),
+                       ("bulk 19995", Priority.URGENT, [], JobStage.ASSIGNED)]
 
 
 async def submit_many(runtime: Runtime, count: int) -> list[int]:
