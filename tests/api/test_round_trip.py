@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from app.auth.models import Role
-
 from tests.conftest import error_codes
 
 CREATE_ITEM = """
@@ -67,7 +66,8 @@ async def test_item_to_shipped_round_trip_over_http(live_server, http_client, ma
     system = [c for c in seen["comments"]["nodes"] if c["kind"] == "SYSTEM"]
     assert len(system) == 2  # IN_PROGRESS, then DONE
     assert all(description not in c["body"] and "sk-THIS" not in c["body"] for c in system)
-    assert "$0.2500" in system[-1]["body"] and "1000 in / 200 out" in system[-1]["body"]
+    assert "$0.2500" in system[-1]["body"]
+    assert "1000 in / 200 out" in system[-1]["body"]
 
     # a worker cannot create items; a member cannot claim
     denied = await worker.execute(CREATE_ITEM, input={"title": "x"})
