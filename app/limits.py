@@ -29,7 +29,7 @@ IDEMPOTENCY_KEY_MAX = 200
 MAX_ATTEMPTS_MAX = 20
 BUDGET_MAX = 1_000_000.0
 COST_MAX = 1_000_000.0
-TOKENS_MAX = 10**12
+TOKENS_MAX = 2**31 - 1  # GraphQL Int
 
 
 def text(field: str, value: str, *, max_len: int, required: bool = False) -> str:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge.mapping import JobFigures, echo_comment, hints_from_labels, item_status_for_stage
 from app.db import utcnow
-from app.errors import NotFoundError
+from app.errors import FleetError, NotFoundError
 from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.fleet import repository as fleet_repository
@@ -132,7 +132,7 @@ class BridgeService:
         except Exception as exc:
             logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
             await self._schedule_retry(product_id, job_id)
-            return EchoResult(echoed=None, error=f"the item could not be updated: {exc}", item=None)
+            return EchoResult(echoed=None, error=_echo_error(exc), item=None)
 
     async def echo_stage_changes(self, records: Sequence[EventRecord]) -> None:
         """After-commit reaction (FLEET_TRACKER_ECHO on): echo every tracker-linked job
@@ -201,6 +201,13 @@ class BridgeService:
                 job.echo_retry_at = utcnow() + timedelta(seconds=delay)
         except Exception:
             logger.exception("could not schedule an echo retry for job %s", job_id)
+
+
+def _echo_error(exc: Exception) -> str:
+    """What a client is told about a failed echo: our own errors' messages, otherwise
+    only the kind of failure (the details, which may hold internals, are logged)."""
+    detail = exc.message if isinstance(exc, FleetError) else type(exc).__name__
+    return f"the item could not be updated ({detail}); the echo will be retried"
 
 
 def _figures(job: Job) -> JobFigures:
