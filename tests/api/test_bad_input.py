@@ -359,7 +359,7 @@ WRONG_TYPES = [
     (SUBMIT, _job_input(budget="cheap")),
     (TRANSITION, _transition(to="LAUNCHED")),
     (TRANSITION, _transition(fence="one")),
-    (TRANSITION, _transition(metrics={"tokensIn": limits.TOKENS_MAX})),  # not a 32-bit Int
+    (TRANSITION, _transition(metrics={"tokensIn": limits.TOKENS_MAX + 1})),  # not a 32-bit Int
     (TRANSITION, _transition(metrics={"costUsd": "free"})),
     (CLAIM, {"worker": {"workerId": ["w"]}}),
     (CLAIM, {"worker": {"workerId": "w", "leaseSeconds": 1e99}}),
