@@ -34,6 +34,7 @@ from app.config import Settings
 from app.db import utcnow
 from app.events import repository as event_repository
 from app.fleet.service import FleetService, ReapResult
+from app.tasks import cancel_and_wait
 from app.uow import Database
 
 logger = logging.getLogger(__name__)
@@ -105,11 +106,7 @@ class BackgroundLoops:
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
 
     @staticmethod

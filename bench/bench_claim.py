@@ -66,32 +66,10 @@ WORKER = WorkerProfile(
 )
 
 
-class NaiveFleetService(FleetService):
-    """The claim with no index help: every QUEUED job of the product is a candidate."""
-
-    async def claim_next_job(self, session: AsyncSession, product_id: str,
-                             worker: WorkerProfile, *, lease_seconds: int | None = None,
-                             now: datetime | None = None) -> Job | None:
-        now = now or self._now()
-        jobs = await all_queued(session, product_id)
-        chosen = select_job((repository.to_candidate(j) for j in jobs), worker, now,
-                            self.policy.aging_seconds)
-        if chosen is None:
-            return None
-        job = next(j for j in jobs if j.id == chosen.id)
-        job.stage = JobStage.ASSIGNED
-        job.attempts += 1
-        job.lease_fence += 1
-        job.lease_worker_id = worker.worker_id
-        job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
-        job.not_before = None
-        job.started_at = job.started_at or now
-        job.updated_at = now
-        await self._record_stage(session, job, JobStage.QUEUED)
-        return job
-
-
-async def all_queued(session: AsyncSession, product_id: str) -> list[Job]:
+async def all_queued(
+    session: AsyncSession, product_id: str, _worker: WorkerProfile, _now: datetime
+) -> list[Job]:
+    """The naive candidate source: every QUEUED job of the product, no index help."""
     stmt = select(Job).where(Job.product_id == product_id, Job.stage == JobStage.QUEUED)
     if session.get_bind().dialect.name == "postgresql":
         stmt = stmt.with_for_update()
@@ -188,7 +166,7 @@ async def same_choice(db: Database, policy: FleetPolicy) -> bool:
     now = utcnow()
     async with db.read() as session:
         heads = await repository.claim_candidates(session, PRODUCT, WORKER, now)
-        everything = await all_queued(session, PRODUCT)
+        everything = await all_queued(session, PRODUCT, WORKER, now)
     pick = select_job(map(repository.to_candidate, heads), WORKER, now, policy.aging_seconds)
     full = select_job(map(repository.to_candidate, everything), WORKER, now,
                       policy.aging_seconds)
@@ -210,7 +188,7 @@ async def latency(url: str, size: int, samples: int) -> tuple[float, float, bool
     try:
         await fill(db, size)
         agree = await same_choice(db, policy)
-        indexed, naive = FleetService(policy), NaiveFleetService(policy)
+        indexed, naive = FleetService(policy), FleetService(policy, candidates=all_queued)
         await timed_claim(db, indexed)  # warm the pool and the statement caches
         await timed_claim(db, naive)
         fast: list[float] = []

@@ -44,6 +44,7 @@ from app.auth.models import Product
 from app.events import repository
 from app.events.hub import LocalHub, Subscriber
 from app.events.outbox import EventRecord
+from app.tasks import cancel_and_wait
 from app.uow import Database
 
 logger = logging.getLogger(__name__)
@@ -118,11 +119,7 @@ class PostgresHub(LocalHub):
         ]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._tasks)
         self._tasks = []
         await self._close_connection()
 

@@ -7,6 +7,7 @@ Every check happens before the first write, so a refused call changes nothing.
 from __future__ import annotations
 
 import enum
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -76,9 +77,19 @@ class ReapResult:
     failed: list[int] = field(default_factory=list)
 
 
+CandidateSource = Callable[[AsyncSession, str, WorkerProfile, datetime], Awaitable[Sequence[Job]]]
+
+
 class FleetService:
-    def __init__(self, policy: FleetPolicy) -> None:
+    """`candidates` finds the jobs the scheduler chooses among when a worker claims;
+    the default reads the head of each priority's queue (see
+    `repository.claim_candidates`).  The benchmark swaps in a naive source."""
+
+    def __init__(
+        self, policy: FleetPolicy, *, candidates: CandidateSource = repository.claim_candidates
+    ) -> None:
         self.policy = policy
+        self.candidates = candidates
 
     # -- reads ---------------------------------------------------------------
 
@@ -160,7 +171,7 @@ class FleetService:
     ) -> Job | None:
         """Give `worker` the job the scheduler picks, under a new lease; None if none."""
         now = now or self._now()
-        heads = await repository.claim_candidates(session, product_id, worker, now)
+        heads = await self.candidates(session, product_id, worker, now)
         chosen = select_job(
             (repository.to_candidate(job) for job in heads), worker, now,
             self.policy.aging_seconds,
