@@ -12,7 +12,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
-    UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -49,7 +49,12 @@ class Job(Base):
 
     __tablename__ = "jobs"
     __table_args__ = (
-        UniqueConstraint("product_id", "idempotency_key"),
+        # Idempotency: one job per (product, key); jobs without a key stay out of it.
+        Index(
+            "uq_jobs_product_idempotency_key", "product_id", "idempotency_key", unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
         Index("ix_jobs_claim", "product_id", "stage", "priority", "queued_at", "id"),
         Index("ix_jobs_product_id_id", "product_id", "id"),
         Index("ix_jobs_tracker_item_id", "tracker_item_id"),
