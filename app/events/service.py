@@ -13,12 +13,13 @@ A stream remembers the last sequence it delivered and relies on that:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
 from app.errors import BadUserInputError
 from app.events import repository
-from app.events.hub import LocalHub
+from app.events.hub import LocalHub, Subscriber
 from app.events.models import EventType
 from app.events.outbox import EventRecord, decode_event_cursor
 from app.uow import Database
@@ -67,34 +68,44 @@ class EventStreams:
         self, product_id: str, event_filter: EventFilter, after: str | None = None,
         on_ready: Callable[[], None] | None = None,
     ) -> AsyncGenerator[EventRecord, None]:
+        """The product's events after `after` (or from now) that match the filter.
+
+        `on_ready` is called once the stream is registered with the hub and has
+        fixed its starting point: from then on no committed event can be missed.
+        """
         async with self.hub.subscribe(product_id) as subscriber:
-            last = await self.start_position(product_id, after)
+            start = await self.start_position(product_id, after)
             if on_ready is not None:
                 on_ready()
-            async for record in self._read_log(product_id, last, None):
-                last = record.seq
-                if event_filter.matches(record):
+            async with contextlib.aclosing(self._in_order(product_id, subscriber, start)) as events:
+                async for record in events:
+                    if event_filter.matches(record):
+                        yield record
+
+    async def _in_order(
+        self, product_id: str, subscriber: Subscriber, last: int
+    ) -> AsyncGenerator[EventRecord, None]:
+        """Every event after sequence `last`, each exactly once, in sequence order."""
+        read_to_head = True  # the replay first; later, after the queue overflowed
+        while True:
+            if read_to_head:
+                async for record in self._read_log(product_id, last, None):
+                    last = record.seq
                     yield record
-            while True:
-                batch = await subscriber.next_batch()
-                if subscriber.overflowed:
-                    subscriber.recover()
-                    batch = []
-                    async for record in self._read_log(product_id, last, None):
+            batch = await subscriber.next_batch()
+            read_to_head = subscriber.overflowed
+            if read_to_head:
+                subscriber.recover()
+                continue
+            for live in batch:
+                if live.seq <= last:  # already replayed or delivered
+                    continue
+                if live.seq > last + 1:  # a gap: the missing events are in the log
+                    async for record in self._read_log(product_id, last, live.seq - 1):
                         last = record.seq
-                        if event_filter.matches(record):
-                            yield record
-                for live in batch:
-                    if live.seq <= last:
-                        continue
-                    if live.seq > last + 1:
-                        async for record in self._read_log(product_id, last, live.seq - 1):
-                            last = record.seq
-                            if event_filter.matches(record):
-                                yield record
-                    last = live.seq
-                    if event_filter.matches(live):
-                        yield live
+                        yield record
+                last = live.seq
+                yield live
 
     async def _read_log(
         self, product_id: str, after_seq: int, through_seq: int | None
