@@ -7,22 +7,26 @@ and `item` fields hold the entity as it is when the event is delivered.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
+from typing import TypeVar
 
 import strawberry
+from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types import Info
 
 from app.auth.service import Permission
 from app.errors import BadUserInputError
+from app.events.models import EventType
+from app.events.outbox import EventRecord
 from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
 from app.fleet import repository as fleet_repository
-from app.fleet.models import JobStage as JobStageModel
 from app.graphql.context import Context
 from app.graphql.ids import parse_id
-from app.graphql.types import Item, ItemStatusEvent, Job, JobStageEvent
+from app.graphql.types import ItemStatusEvent, JobStageEvent
 from app.tracker import repository as tracker_repository
-from app.tracker.models import ItemStatus as ItemStatusModel
+
+Row = TypeVar("Row")
 
 
 def _entity_filter(field: str, value: strawberry.ID | None) -> int | None:
@@ -34,6 +38,27 @@ def _entity_filter(field: str, value: strawberry.ID | None) -> int | None:
     return ident
 
 
+async def _changes(
+    info: Info[Context, None],
+    types: frozenset[EventType],
+    id_field: str,
+    entity_id: strawberry.ID | None,
+    after: str | None,
+    load: Callable[[AsyncSession, str, int], Awaitable[Row | None]],
+) -> AsyncGenerator[tuple[EventRecord, Row | None], None]:
+    """The caller's product's events of `types` (of one entity, if given), each with
+    the entity as it is now."""
+    principal = info.context.require(Permission.READ)
+    event_filter = filter_for(types, _entity_filter(id_field, entity_id))
+    services = info.context.services
+    stream = services.streams.stream(principal.product_id, event_filter, after)
+    async with aclosing(stream):  # leave the hub as soon as the client goes
+        async for record in stream:
+            async with services.db.read() as session:
+                row = await load(session, principal.product_id, record.entity_id)
+            yield record, row
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription
@@ -41,45 +66,19 @@ class Subscription:
         self, info: Info[Context, None], job_id: strawberry.ID | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[JobStageEvent, None]:
-        principal = info.context.require(Permission.READ)
-        event_filter = filter_for(JOB_STAGE_EVENTS, _entity_filter("jobId", job_id))
-        services = info.context.services
-        stream = services.streams.stream(principal.product_id, event_filter, after)
-        async with aclosing(stream):  # leave the hub as soon as the client goes
-            async for record in stream:
-                async with services.db.read() as session:
-                    row = await fleet_repository.get_job(
-                        session, principal.product_id, record.entity_id
-                    )
-                yield JobStageEvent(
-                    cursor=record.cursor,
-                    job_id=strawberry.ID(str(record.entity_id)),
-                    from_=JobStageModel(record.from_state) if record.from_state else None,
-                    to=JobStageModel(record.to_state or ""),
-                    at=record.created_at,
-                    job=Job.from_model(row) if row is not None else None,
-                )
+        changes = _changes(info, JOB_STAGE_EVENTS, "jobId", job_id, after, fleet_repository.get_job)
+        async with aclosing(changes):
+            async for record, job in changes:
+                yield JobStageEvent.from_record(record, job)
 
     @strawberry.subscription
     async def item_status_changed(
         self, info: Info[Context, None], item_id: strawberry.ID | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[ItemStatusEvent, None]:
-        principal = info.context.require(Permission.READ)
-        event_filter = filter_for(ITEM_STATUS_EVENTS, _entity_filter("itemId", item_id))
-        services = info.context.services
-        stream = services.streams.stream(principal.product_id, event_filter, after)
-        async with aclosing(stream):  # leave the hub as soon as the client goes
-            async for record in stream:
-                async with services.db.read() as session:
-                    row = await tracker_repository.get_item(
-                        session, principal.product_id, record.entity_id
-                    )
-                yield ItemStatusEvent(
-                    cursor=record.cursor,
-                    item_id=strawberry.ID(str(record.entity_id)),
-                    from_=ItemStatusModel(record.from_state) if record.from_state else None,
-                    to=ItemStatusModel(record.to_state or ""),
-                    at=record.created_at,
-                    item=Item.from_model(row) if row is not None else None,
-                )
+        changes = _changes(
+            info, ITEM_STATUS_EVENTS, "itemId", item_id, after, tracker_repository.get_item
+        )
+        async with aclosing(changes):
+            async for record, item in changes:
+                yield ItemStatusEvent.from_record(record, item)

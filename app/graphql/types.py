@@ -11,6 +11,7 @@ from strawberry.types import Info
 from app.auth.models import Role
 from app.auth.service import Permission
 from app.bridge.service import EchoResult
+from app.events.outbox import EventRecord
 from app.fleet.models import Job as JobModel
 from app.fleet.models import JobStage, Priority
 from app.fleet.service import SubmitOutcome
@@ -251,6 +252,18 @@ class JobStageEvent:
     at: datetime
     job: Job | None
 
+    @classmethod
+    def from_record(cls, record: EventRecord, job: JobModel | None) -> JobStageEvent:
+        assert record.to_state is not None  # a job event always names the stage reached
+        return cls(
+            cursor=record.cursor,
+            job_id=strawberry.ID(str(record.entity_id)),
+            from_=JobStage(record.from_state) if record.from_state else None,
+            to=JobStage(record.to_state),
+            at=record.created_at,
+            job=Job.from_model(job) if job is not None else None,
+        )
+
 
 @strawberry.type
 class ItemStatusEvent:
@@ -260,3 +273,15 @@ class ItemStatusEvent:
     to: ItemStatus
     at: datetime
     item: Item | None
+
+    @classmethod
+    def from_record(cls, record: EventRecord, item: ItemModel | None) -> ItemStatusEvent:
+        assert record.to_state is not None  # an item event always names the status reached
+        return cls(
+            cursor=record.cursor,
+            item_id=strawberry.ID(str(record.entity_id)),
+            from_=ItemStatus(record.from_state) if record.from_state else None,
+            to=ItemStatus(record.to_state),
+            at=record.created_at,
+            item=Item.from_model(item) if item is not None else None,
+        )
