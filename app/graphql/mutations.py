@@ -12,6 +12,7 @@ from strawberry.types import Info
 from app import limits
 from app.auth.service import Permission
 from app.bridge.service import IngestOptions as IngestOptionsSpec
+from app.fleet.models import Job as JobModel
 from app.fleet.models import JobStage
 from app.fleet.service import MetricsDelta
 from app.graphql.context import Context
@@ -35,6 +36,17 @@ from app.graphql.types import (
     SubmitJobPayload,
 )
 from app.tracker import service as tracker_service
+
+
+async def _answer(info: Info[Context, None], row: JobModel) -> Job:
+    """The job as the mutation answers it.  With FLEET_TRACKER_ECHO on, the change's
+    echo ran after its commit and may have updated the job (`lastEchoedStatus`), so a
+    tracker-linked job is read again; otherwise the committed row is current."""
+    services = info.context.services
+    if services.settings.tracker_echo and row.tracker_item_id is not None:
+        async with services.db.read() as session:
+            row = await services.fleet.get_job(session, row.product_id, row.id)
+    return Job.from_model(row)
 
 
 def _lease_of(job: Job) -> Lease:
@@ -89,7 +101,7 @@ class Mutation:
             result = await info.context.services.fleet.submit_job(
                 session, principal.product_id, spec
             )
-        return SubmitJobPayload(job=Job.from_model(result.job), outcome=result.outcome)
+        return SubmitJobPayload(job=await _answer(info, result.job), outcome=result.outcome)
 
     @strawberry.mutation
     async def ingest_item_as_job(
@@ -103,7 +115,7 @@ class Mutation:
             result = await info.context.services.bridge.ingest_item(
                 session, principal.product_id, item_row_id, spec
             )
-        return SubmitJobPayload(job=Job.from_model(result.job), outcome=result.outcome)
+        return SubmitJobPayload(job=await _answer(info, result.job), outcome=result.outcome)
 
     @strawberry.mutation
     async def echo_job_to_item(
@@ -126,7 +138,7 @@ class Mutation:
             )
         if row is None:
             return ClaimPayload(job=None, lease=None)
-        job = Job.from_model(row)
+        job = await _answer(info, row)
         return ClaimPayload(job=job, lease=_lease_of(job))
 
     @strawberry.mutation
@@ -163,7 +175,7 @@ class Mutation:
                 session, principal.product_id, job_row_id, fence, to,
                 metrics=delta, reason=reason, retryable=bool(retryable),
             )
-        return Job.from_model(row)
+        return await _answer(info, row)
 
     @strawberry.mutation
     async def cancel_job(
@@ -176,7 +188,7 @@ class Mutation:
             row = await info.context.services.fleet.cancel_job(
                 session, principal.product_id, job_row_id, reason
             )
-        return Job.from_model(row)
+        return await _answer(info, row)
 
     @strawberry.mutation
     async def retry_job(self, info: Info[Context, None], job_id: strawberry.ID) -> Job:
@@ -186,4 +198,4 @@ class Mutation:
             row = await info.context.services.fleet.retry_job(
                 session, principal.product_id, job_row_id
             )
-        return Job.from_model(row)
+        return await _answer(info, row)

@@ -60,6 +60,7 @@ async def test_item_to_shipped_round_trip_over_http(live_server, http_client, ma
     shipped = (await worker.data(TRANSITION, id=job["id"], fence=fence, to="SHIPPED",
                                  metrics={"costUsd": 0.25, "tokensIn": 1000, "tokensOut": 200}))
     assert shipped["transitionJob"]["stage"] == "SHIPPED"
+    assert shipped["transitionJob"]["lastEchoedStatus"] == "DONE"  # the echo ran first
 
     seen = (await member.data(ITEM, id=item["id"]))["item"]
     assert seen["status"] == "DONE"
