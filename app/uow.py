@@ -21,6 +21,10 @@ from app.events.outbox import EventRecord, discard_recorded, take_recorded
 
 logger = logging.getLogger(__name__)
 
+# What a database that cannot be reached raises: SQLAlchemy's wrappers, and the raw
+# socket errors asyncpg lets through while connecting.
+_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
+
 CommitHook = Callable[[Sequence[EventRecord]], Awaitable[None]]
 
 
@@ -42,7 +46,7 @@ class Database:
         try:
             async with self._reader() as session:
                 yield session
-        except (OperationalError, InterfaceError) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailableError("the database is unavailable; try again") from exc
 
     @asynccontextmanager
@@ -62,7 +66,7 @@ class Database:
                     await session.rollback()
                     raise
                 records = take_recorded(session)
-        except (OperationalError, InterfaceError) as exc:
+        except _UNAVAILABLE as exc:
             raise StoreUnavailableError("the database is unavailable; try again") from exc
         if records and self.on_commit is not None:
             await self.on_commit(records)

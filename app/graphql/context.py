@@ -12,6 +12,7 @@ from strawberry.dataloader import DataLoader
 from app.auth.service import Permission, Principal, require
 from app.bridge.service import BridgeService
 from app.config import Settings
+from app.errors import FleetError
 from app.events.hub import LocalHub
 from app.events.service import EventStreams
 from app.fleet import repository as fleet_repository
@@ -65,6 +66,9 @@ class Context:
     request: Request | WebSocket
     response: Any
     principal: Principal | None = None
+    # Why the caller could not be authenticated when that was not the token's fault
+    # (the database did not answer); raised on the first field that needs a caller.
+    auth_failure: FleetError | None = None
     connection_params: dict[str, Any] | None = None
     _loaders: Loaders | None = field(default=None, repr=False)
 
@@ -73,6 +77,8 @@ class Context:
         return self.services.db
 
     def require(self, permission: Permission) -> Principal:
+        if self.principal is None and self.auth_failure is not None:
+            raise self.auth_failure
         return require(self.principal, permission)
 
     @property

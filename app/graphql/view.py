@@ -21,6 +21,7 @@ from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWS
 from strawberry.types.unset import UnsetType
 
 from app.auth.service import Principal, authenticate, parse_bearer
+from app.errors import StoreUnavailableError
 from app.graphql.context import Context, Services
 
 
@@ -52,12 +53,15 @@ class FleetGraphQL(GraphQL[Context, None]):
         self, request: Request | WebSocket, response: Response | WebSocket
     ) -> Context:
         services: Services = request.app.state.services
-        principal = None
+        context = Context(services=services, request=request, response=response)
         if not isinstance(request, WebSocket):
-            principal = await self._authenticate(
-                services, parse_bearer(request.headers.get("authorization"))
-            )
-        return Context(services=services, request=request, response=response, principal=principal)
+            try:
+                context.principal = await self._authenticate(
+                    services, parse_bearer(request.headers.get("authorization"))
+                )
+            except StoreUnavailableError as exc:  # answered as an error, not a 500
+                context.auth_failure = exc
+        return context
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params: Any = context.connection_params
