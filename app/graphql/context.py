@@ -18,8 +18,10 @@ from app.events.service import EventStreams
 from app.fleet import repository as fleet_repository
 from app.fleet.models import Job
 from app.fleet.service import FleetService
+from app.pagination import Page
 from app.tracker import repository as tracker_repository
-from app.tracker.models import Item
+from app.tracker import service as tracker_service
+from app.tracker.models import Comment, Item
 from app.uow import Database
 
 
@@ -35,6 +37,10 @@ class Services:
     streams: EventStreams
 
 
+# (item id, page size, cursor) of one item's page of comments.
+CommentPageKey = tuple[int, int, str | None]
+
+
 class Loaders:
     """Batching loaders scoped to one product and one request."""
 
@@ -43,12 +49,32 @@ class Loaders:
         self.product_id = product_id
         self.item = DataLoader[int, Item | None](self._load_items)
         self.jobs_of_item = DataLoader[int, list[Job]](self._load_jobs_of_items)
+        self.comments = DataLoader[CommentPageKey, Page[Comment]](self._load_comment_pages)
 
     async def _load_items(self, ids: list[int]) -> list[Item | None]:
         async with self.db.read() as session:
             rows = await tracker_repository.get_items(session, self.product_id, ids)
         by_id = {row.id: row for row in rows}
         return [by_id.get(i) for i in ids]
+
+    async def _load_comment_pages(self, keys: list[CommentPageKey]) -> list[Page[Comment]]:
+        """First pages of many items in one query per page size; a page after a cursor
+        (rare: a client paging one item) is read on its own."""
+        pages: dict[CommentPageKey, Page[Comment]] = {}
+        async with self.db.read() as session:
+            for first in {first for _, first, after in keys if after is None}:
+                item_ids = [item for item, size, after in keys if size == first and after is None]
+                firsts = await tracker_service.first_comment_pages(
+                    session, self.product_id, item_ids, first=first
+                )
+                pages.update({(item, first, None): page for item, page in firsts.items()})
+            for key in keys:
+                item_id, first, after = key
+                if after is not None:
+                    pages[key] = await tracker_service.list_comments(
+                        session, self.product_id, item_id, first=first, after=after
+                    )
+        return [pages[key] for key in keys]
 
     async def _load_jobs_of_items(self, ids: list[int]) -> list[list[Job]]:
         async with self.db.read() as session:

@@ -9,7 +9,6 @@ import strawberry
 from strawberry.types import Info
 
 from app.auth.models import Role
-from app.auth.service import Permission
 from app.bridge.service import EchoResult
 from app.events.outbox import EventRecord
 from app.fleet.models import Job as JobModel
@@ -17,11 +16,11 @@ from app.fleet.models import JobStage, Priority
 from app.fleet.service import SubmitOutcome
 from app.graphql.context import Context
 from app.limits import page_size
-from app.pagination import Page
-from app.tracker import service as tracker_service
+from app.pagination import Page, decode_cursor
 from app.tracker.models import Comment as CommentModel
 from app.tracker.models import CommentKind, ItemStatus
 from app.tracker.models import Item as ItemModel
+from app.tracker.service import COMMENT_CURSOR
 
 # The domain enums are the GraphQL enums (same names, same values).
 for _enum in (ItemStatus, CommentKind, JobStage, Priority, SubmitOutcome, Role):
@@ -90,7 +89,6 @@ class Item:
     created_at: datetime
     updated_at: datetime
     row_id: strawberry.Private[int]
-    product_id: strawberry.Private[str]
 
     @classmethod
     def from_model(cls, item: ItemModel) -> Item:
@@ -103,18 +101,14 @@ class Item:
             created_at=item.created_at,
             updated_at=item.updated_at,
             row_id=item.id,
-            product_id=item.product_id,
         )
 
     @strawberry.field
     async def comments(
         self, info: Info[Context, None], first: int | None = 50, after: str | None = None
     ) -> Connection[Comment]:
-        info.context.require(Permission.READ)
-        async with info.context.db.read() as session:
-            page = await tracker_service.list_comments(
-                session, self.product_id, self.row_id, first=page_size(first), after=after
-            )
+        decode_cursor(COMMENT_CURSOR, after)  # a bad cursor fails this field alone
+        page = await info.context.loaders.comments.load((self.row_id, page_size(first), after))
         return connection_of(page, [Comment.from_model(c) for c in page.nodes])
 
     @strawberry.field

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import aliased
 
 from app.db import JsonArrayContains
 from app.tracker.models import Comment, Item, ItemStatus
@@ -44,6 +45,29 @@ async def list_items(
     if after_id is not None:
         stmt = stmt.where(Item.id > after_id)
     stmt = stmt.order_by(Item.id).limit(limit)
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def first_comments_of_items(
+    session: AsyncSession, product_id: str, item_ids: Sequence[int], *, limit: int
+) -> Sequence[Comment]:
+    """The first `limit` comments of each item, in one query (a window per item)."""
+    ranked = (
+        select(
+            Comment,
+            func.row_number()
+            .over(partition_by=Comment.item_id, order_by=Comment.id)
+            .label("position"),
+        )
+        .where(Comment.product_id == product_id, Comment.item_id.in_(item_ids))
+        .subquery()
+    )
+    comment = aliased(Comment, ranked)
+    stmt = (
+        select(comment)
+        .where(ranked.c.position <= limit)
+        .order_by(comment.item_id, comment.id)
+    )
     return (await session.execute(stmt)).scalars().all()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -71,6 +72,22 @@ async def list_comments(
         limit=first + 1,
     )
     return make_page(COMMENT_CURSOR, rows, first, lambda comment: comment.id)
+
+
+async def first_comment_pages(
+    session: AsyncSession, product_id: str, item_ids: Sequence[int], *, first: int
+) -> dict[int, Page[Comment]]:
+    """The first page of comments of each of `item_ids` (for a list of items)."""
+    rows = await repository.first_comments_of_items(
+        session, product_id, item_ids, limit=first + 1
+    )
+    by_item: dict[int, list[Comment]] = {item_id: [] for item_id in item_ids}
+    for row in rows:
+        by_item[row.item_id].append(row)
+    return {
+        item_id: make_page(COMMENT_CURSOR, comments, first, lambda comment: comment.id)
+        for item_id, comments in by_item.items()
+    }
 
 
 async def create_item(session: AsyncSession, product_id: str, new: NewItem) -> Item:
