@@ -126,10 +126,21 @@ class Lease:
 
 @strawberry.type
 class JobMetrics:
+    """A job's totals.  GraphQL `Int` has 32 bits: a total beyond it (over two
+    billion tokens, or a job that ran for more than 24 days) reads as null rather
+    than failing the whole query."""
+
     cost_usd: float | None
     tokens_in: int | None
     tokens_out: int | None
     duration_ms: int | None
+
+
+GRAPHQL_INT_MAX = 2**31 - 1
+
+
+def _graphql_int(value: int | None) -> int | None:
+    return value if value is not None and 0 <= value <= GRAPHQL_INT_MAX else None
 
 
 @strawberry.type
@@ -189,8 +200,10 @@ class Job:
             idempotency_key=job.idempotency_key,
             lease=lease,
             metrics=JobMetrics(
-                cost_usd=job.cost_usd, tokens_in=job.tokens_in, tokens_out=job.tokens_out,
-                duration_ms=duration_ms,
+                cost_usd=job.cost_usd,
+                tokens_in=_graphql_int(job.tokens_in),
+                tokens_out=_graphql_int(job.tokens_out),
+                duration_ms=_graphql_int(duration_ms),
             ),
             last_echoed_status=job.last_echoed_status,
             not_before=job.not_before,
