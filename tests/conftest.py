@@ -18,7 +18,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
 import httpx
@@ -296,11 +296,17 @@ def error_codes(body: dict[str, Any]) -> list[str]:
     return [error.get("extensions", {}).get("code") for error in body.get("errors") or []]
 
 
+class Served(Protocol):
+    url: str
+
+
 @pytest.fixture
-async def http_client() -> AsyncIterator[Callable[[LiveServer, str | None], GraphQLClient]]:
+async def http_client() -> AsyncIterator[Callable[[Served, str | None], GraphQLClient]]:
+    """`http_client(server, token)`: a GraphQL client of any served app with a `url`
+    (a `LiveServer`, or a `fleetbridge serve` process)."""
     clients: list[httpx.AsyncClient] = []
 
-    def make(server: LiveServer, token: str | None) -> GraphQLClient:
+    def make(server: Served, token: str | None) -> GraphQLClient:
         http = httpx.AsyncClient(base_url=server.url, timeout=30)
         clients.append(http)
         return GraphQLClient(http, token)

@@ -27,7 +27,7 @@ from websockets.exceptions import ConnectionClosed
 
 from app.auth.models import Role
 from app.events.outbox import decode_event_cursor, encode_event_cursor
-from tests.conftest import free_port
+from tests.conftest import GraphQLClient, free_port
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store", ["postgres"])]
 
@@ -114,37 +114,6 @@ async def two_instances(database_url: str, tmp_path: Path) -> AsyncIterator[list
                 print(f"--- instance {instance.name} log ---\n{log}")
 
 
-class GraphQL:
-    def __init__(self, http: httpx.AsyncClient, token: str) -> None:
-        self.http = http
-        self.token = token
-
-    async def data(self, query: str, **variables: Any) -> dict[str, Any]:
-        response = await self.http.post(
-            "/graphql", json={"query": query, "variables": variables},
-            headers={"Authorization": f"Bearer {self.token}"},
-        )
-        body: dict[str, Any] = response.json()
-        assert response.status_code == 200, body
-        assert not body.get("errors"), body
-        data: dict[str, Any] = body["data"]
-        return data
-
-
-@pytest.fixture
-async def clients() -> AsyncIterator[Callable[[Instance, str], GraphQL]]:
-    opened: list[httpx.AsyncClient] = []
-
-    def make(instance: Instance, token: str) -> GraphQL:
-        http = httpx.AsyncClient(base_url=instance.url, timeout=30)
-        opened.append(http)
-        return GraphQL(http, token)
-
-    yield make
-    for http in opened:
-        await http.aclose()
-
-
 class JobStream:
     """A `jobStageChanged` subscription over graphql-transport-ws."""
 
@@ -210,24 +179,24 @@ def seqs(events: list[dict[str, Any]]) -> list[int]:
     return [decode_event_cursor(event["cursor"]) for event in events]
 
 
-async def submit(client: GraphQL, title: str) -> int:
+async def submit(client: GraphQLClient, title: str) -> int:
     data = await client.data(SUBMIT, input={"title": title, "bodyMd": "work"})
     return int(data["submitJob"]["job"]["id"])
 
 
 async def test_twenty_claimers_on_two_instances_claim_every_job_once(
-    two_instances, clients, streams, make_token
+    two_instances, http_client, streams, make_token
 ):
     instance_a, instance_b = two_instances
     member, worker = await make_token("acme", Role.MEMBER), await make_token("acme", Role.WORKER)
     stream_a, stream_b = await streams(instance_a, member), await streams(instance_b, member)
-    submitters = [clients(instance_a, member), clients(instance_b, member)]
+    submitters = [http_client(instance_a, member), http_client(instance_b, member)]
     job_ids = await asyncio.gather(*(submit(submitters[n % 2], f"job {n}") for n in range(JOBS)))
     assert len(set(job_ids)) == JOBS
 
     claims: list[tuple[int, str]] = []
     empty_answers: list[int] = []
-    claimers = [(clients(two_instances[n % 2], worker), two_instances[n % 2].name)
+    claimers = [(http_client(two_instances[n % 2], worker), two_instances[n % 2].name)
                 for n in range(CLAIMERS)]
 
     async def claimer(n: int) -> None:
@@ -269,12 +238,12 @@ async def test_twenty_claimers_on_two_instances_claim_every_job_once(
 
 
 async def test_the_survivor_keeps_serving_when_an_instance_is_killed(
-    two_instances, clients, streams, make_token
+    two_instances, http_client, streams, make_token
 ):
     instance_a, instance_b = two_instances
     member, worker = await make_token("acme", Role.MEMBER), await make_token("acme", Role.WORKER)
     stream_a, stream_b = await streams(instance_a, member), await streams(instance_b, member)
-    through_a = clients(instance_a, member)
+    through_a = http_client(instance_a, member)
     acknowledged: list[int] = []
 
     async def keep_submitting(lane: int) -> None:
@@ -290,7 +259,7 @@ async def test_the_survivor_keeps_serving_when_an_instance_is_killed(
     with pytest.raises(ConnectionClosed):
         await stream_a.take(2 * len(acknowledged) + 10)
 
-    on_b = clients(instance_b, member)
+    on_b = http_client(instance_b, member)
     committed = sorted(int(job["id"]) for job in (await on_b.data(JOBS_QUERY))["jobs"]["nodes"])
     assert set(acknowledged) <= set(committed)  # a commit may beat the kill to its answer
     rest = await stream_b.take(len(committed) - len(before_kill))
@@ -299,7 +268,7 @@ async def test_the_survivor_keeps_serving_when_an_instance_is_killed(
     assert sorted(int(event["jobId"]) for event in seen) == committed
 
     # B still claims and still streams, live and replayed
-    claim = (await clients(instance_b, worker).data(
+    claim = (await http_client(instance_b, worker).data(
         CLAIM, worker={"workerId": "survivor"}))["claimNextJob"]
     assert claim["job"]["id"] is not None
     [assigned] = await stream_b.take(1)
