@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -73,8 +73,8 @@ class SubmitResult:
 
 @dataclass(frozen=True, slots=True)
 class ReapResult:
-    requeued: list[int] = field(default_factory=list)
-    failed: list[int] = field(default_factory=list)
+    requeued: tuple[int, ...] = ()
+    failed: tuple[int, ...] = ()
 
 
 CandidateSource = Callable[[AsyncSession, str, WorkerProfile, datetime], Awaitable[Sequence[Job]]]
@@ -275,18 +275,19 @@ class FleetService:
     async def reap_expired_leases(self, session: AsyncSession, *, limit: int = 100) -> ReapResult:
         """Requeue (with backoff and a higher fence) or fail every job whose lease ran out."""
         now = self._now()
-        result = ReapResult()
+        requeued: list[int] = []
+        failed: list[int] = []
         for job in await repository.expired_leases(session, now, limit):
             source = job.stage
             job.failure_reason = REAPED_REASON
             if job.attempts < job.max_attempts:
                 self._requeue(job, now)
-                result.requeued.append(job.id)
+                requeued.append(job.id)
             else:
                 self._finish(job, JobStage.FAILED, now)
-                result.failed.append(job.id)
+                failed.append(job.id)
             await self._record_stage(session, job, source)
-        return result
+        return ReapResult(requeued=tuple(requeued), failed=tuple(failed))
 
     # -- helpers -------------------------------------------------------------
 

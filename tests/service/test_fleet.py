@@ -132,7 +132,7 @@ async def test_claim_takes_a_fresh_lease_and_the_fence_grows_every_time(
 
     first = await claim_with_expired_lease(runtime, job.id)
     assert (first.stage, first.lease_fence, first.attempts) == (JobStage.ASSIGNED, 1, 1)
-    assert (await runtime.loops.reap_once()).requeued == [job.id]
+    assert (await runtime.loops.reap_once()).requeued == (job.id,)
     requeued = await load(runtime, job.id)
     assert (requeued.stage, requeued.lease_fence) == (JobStage.QUEUED, 2)
 
@@ -320,7 +320,7 @@ async def test_reaper_requeues_an_expired_lease_and_fails_when_attempts_are_used
     assert live_lease.id == live.id
 
     reaped = await runtime.loops.reap_once()
-    assert (reaped.requeued, reaped.failed) == ([again.id], [])
+    assert (reaped.requeued, reaped.failed) == ((again.id,), ())
     requeued = await load(runtime, again.id)
     assert requeued.stage == JobStage.QUEUED
     assert requeued.lease_fence > lease.lease_fence
@@ -331,10 +331,10 @@ async def test_reaper_requeues_an_expired_lease_and_fails_when_attempts_are_used
     last = await claim_with_expired_lease(runtime, again.id)
     assert last.attempts == 2
     reaped = await runtime.loops.reap_once()
-    assert (reaped.requeued, reaped.failed) == ([], [again.id])
+    assert (reaped.requeued, reaped.failed) == ((), (again.id,))
     ended = await load(runtime, again.id)
     assert (ended.stage, ended.failure_reason) == (JobStage.FAILED, "lease expired")
-    assert (await runtime.loops.reap_once()).requeued == []
+    assert (await runtime.loops.reap_once()).requeued == ()
 
 
 async def test_cancel_any_job_that_has_not_ended(runtime: Runtime) -> None:
