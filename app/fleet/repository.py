@@ -10,6 +10,7 @@ from sqlalchemy import (
     Select,
     and_,
     case,
+    func,
     literal,
     or_,
     select,
@@ -51,14 +52,23 @@ async def get_jobs(session: AsyncSession, product_id: str, ids: Sequence[int]) -
     return (await session.execute(stmt)).scalars().all()
 
 
-async def jobs_for_items(
-    session: AsyncSession, product_id: str, item_ids: Sequence[int]
+async def first_jobs_of_items(
+    session: AsyncSession, product_id: str, item_ids: Sequence[int], *, limit: int
 ) -> Sequence[Job]:
-    stmt = (
-        select(Job)
+    """The first (oldest) `limit` jobs linked to each item, in one query (a window per
+    item), ordered by item then job id."""
+    ranked = (
+        select(
+            Job,
+            func.row_number()
+            .over(partition_by=Job.tracker_item_id, order_by=Job.id)
+            .label("position"),
+        )
         .where(Job.product_id == product_id, Job.tracker_item_id.in_(item_ids))
-        .order_by(Job.id)
+        .subquery()
     )
+    job = aliased(Job, ranked)
+    stmt = select(job).where(ranked.c.position <= limit).order_by(job.tracker_item_id, job.id)
     return (await session.execute(stmt)).scalars().all()
 
 

@@ -115,6 +115,22 @@ class FleetService:
         )
         return make_page(JOB_CURSOR, rows, first, lambda job: job.id)
 
+    async def first_job_pages(
+        self, session: AsyncSession, product_id: str, item_ids: Sequence[int], *, first: int
+    ) -> dict[int, Page[Job]]:
+        """The first page (oldest first, `first` jobs) of the jobs linked to each of
+        `item_ids`, in one query: `Item.jobs` of a list of items (DESIGN §6)."""
+        rows = await repository.first_jobs_of_items(session, product_id, item_ids,
+                                                    limit=first + 1)
+        by_item: dict[int, list[Job]] = {item_id: [] for item_id in item_ids}
+        for row in rows:
+            if row.tracker_item_id is not None:
+                by_item[row.tracker_item_id].append(row)
+        return {
+            item_id: make_page(JOB_CURSOR, jobs, first, lambda job: job.id)
+            for item_id, jobs in by_item.items()
+        }
+
     # -- submit --------------------------------------------------------------
 
     async def submit_job(

@@ -15,7 +15,6 @@ from app.config import Settings
 from app.errors import FleetError
 from app.events.hub import LocalHub
 from app.events.service import EventStreams
-from app.fleet import repository as fleet_repository
 from app.fleet.models import Job
 from app.fleet.service import FleetService
 from app.pagination import Page
@@ -37,18 +36,20 @@ class Services:
     streams: EventStreams
 
 
-# (item id, page size, cursor) of one item's page of comments.
-CommentPageKey = tuple[int, int, str | None]
+# (item id, page size, cursor) of one item's page of comments or of jobs.
+PageKey = tuple[int, int, str | None]
+CommentPageKey = PageKey
 
 
 class Loaders:
     """Batching loaders scoped to one product and one request."""
 
-    def __init__(self, db: Database, product_id: str) -> None:
+    def __init__(self, db: Database, product_id: str, fleet: FleetService) -> None:
         self.db = db
+        self.fleet = fleet
         self.product_id = product_id
         self.item = DataLoader[int, Item | None](self._load_items)
-        self.jobs_of_item = DataLoader[int, list[Job]](self._load_jobs_of_items)
+        self.jobs_of_item = DataLoader[PageKey, Page[Job]](self._load_job_pages)
         self.comments = DataLoader[CommentPageKey, Page[Comment]](self._load_comment_pages)
 
     async def _load_items(self, ids: list[int]) -> list[Item | None]:
@@ -76,14 +77,25 @@ class Loaders:
                     )
         return [pages[key] for key in keys]
 
-    async def _load_jobs_of_items(self, ids: list[int]) -> list[list[Job]]:
+    async def _load_job_pages(self, keys: list[PageKey]) -> list[Page[Job]]:
+        """`Item.jobs` pages: first pages of many items in one query per page size; a
+        page after a cursor is read on its own (filtered by item, oldest first)."""
+        pages: dict[PageKey, Page[Job]] = {}
+        fleet = self.fleet
         async with self.db.read() as session:
-            rows = await fleet_repository.jobs_for_items(session, self.product_id, ids)
-        grouped: dict[int, list[Job]] = {i: [] for i in ids}
-        for row in rows:
-            if row.tracker_item_id is not None:
-                grouped[row.tracker_item_id].append(row)
-        return [grouped[i] for i in ids]
+            for first in {first for _, first, after in keys if after is None}:
+                item_ids = [item for item, size, after in keys if size == first and after is None]
+                firsts = await fleet.first_job_pages(session, self.product_id, item_ids,
+                                                     first=first)
+                pages.update({(item, first, None): page for item, page in firsts.items()})
+            for key in keys:
+                item_id, first, after = key
+                if after is not None:
+                    pages[key] = await fleet.list_jobs(
+                        session, self.product_id, tracker_item_id=item_id, first=first,
+                        after=after,
+                    )
+        return [pages[key] for key in keys]
 
 
 @dataclass
@@ -113,7 +125,7 @@ class Context:
         stale, so there every use gets fresh loaders (no cache across events)."""
         principal = self.require(Permission.READ)
         if isinstance(self.request, WebSocket):
-            return Loaders(self.db, principal.product_id)
+            return Loaders(self.db, principal.product_id, self.services.fleet)
         if self._loaders is None:
-            self._loaders = Loaders(self.db, principal.product_id)
+            self._loaders = Loaders(self.db, principal.product_id, self.services.fleet)
         return self._loaders

@@ -13,7 +13,7 @@ from app.bridge.service import EchoResult
 from app.events.outbox import EventRecord
 from app.fleet.models import Job as JobModel
 from app.fleet.models import JobStage, Priority
-from app.fleet.service import SubmitOutcome
+from app.fleet.service import JOB_CURSOR, SubmitOutcome
 from app.graphql.context import Context
 from app.limits import page_size
 from app.pagination import Page, decode_cursor
@@ -112,9 +112,13 @@ class Item:
         return connection_of(page, [Comment.from_model(c) for c in page.nodes])
 
     @strawberry.field
-    async def jobs(self, info: Info[Context, None]) -> list[Job]:
-        rows = await info.context.loaders.jobs_of_item.load(self.row_id)
-        return [Job.from_model(row) for row in rows]
+    async def jobs(
+        self, info: Info[Context, None], first: int | None = 50, after: str | None = None
+    ) -> Connection[Job]:
+        """The jobs linked to this item, oldest first, a page at a time."""
+        decode_cursor(JOB_CURSOR, after)  # a bad cursor fails this field alone
+        page = await info.context.loaders.jobs_of_item.load((self.row_id, page_size(first), after))
+        return connection_of(page, [Job.from_model(row) for row in page.nodes])
 
 
 @strawberry.type

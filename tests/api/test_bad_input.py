@@ -387,12 +387,18 @@ async def test_wrong_types_and_invalid_enums_are_refused_with_a_code(scene):
 
 
 def _query_of_depth(depth: int) -> str:
-    """`item { jobs { item { jobs … } } }`, `depth` fields deep (`item` is depth 1)."""
-    names = ["jobs" if level % 2 == 0 else "item" for level in range(depth - 1)]
+    """`item { jobs { nodes { item { jobs … } } } }`, `depth` fields deep (the root
+    field is depth 1); it starts at `job` when starting at `item` would end on a
+    connection (which has no scalar to end on)."""
+    head, cycle = "item", ["jobs", "nodes", "item"]
+    if (depth - 1) % 3 == 1:
+        head, cycle = "job", ["item", "jobs", "nodes"]
+    names = [cycle[level % 3] for level in range(depth - 1)]
     inner = "id"
     for name in reversed(names):
-        inner = f"{name} {{ id {inner} }}"
-    return f'query Deep {{ item(id: "1") {{ id {inner} }} }}'
+        leaf = "" if name == "jobs" else "id "
+        inner = f"{name} {{ {leaf}{inner} }}"
+    return f'query Deep {{ {head}(id: "1") {{ id {inner} }} }}'
 
 
 async def _assert_refused(client: Any, query: str, reason: str) -> None:

@@ -172,24 +172,26 @@ async def test_item_jobs_and_job_item_nested_fields(live_server, http_client, ma
 
     data = await member.data(
         """query($item: ID!, $bare: ID!, $job: ID!, $loose: ID!) {
-          item(id: $item) { id jobs { id trackerItemId item { id title } } }
-          bare: item(id: $bare) { jobs { id } }
-          job(id: $job) { id item { id title jobs { id } } }
+          item(id: $item) { id jobs { nodes { id trackerItemId item { id title } } } }
+          bare: item(id: $bare) { jobs { nodes { id } } }
+          job(id: $job) { id item { id title jobs { nodes { id } } } }
           loose: job(id: $loose) { trackerItemId item { id } }
         }""",
         item=item["id"], bare=bare["id"], job=job["id"], loose=loose["job"]["id"],
     )
-    assert data["item"]["jobs"] == [
+    assert data["item"]["jobs"]["nodes"] == [
         {"id": job["id"], "trackerItemId": item["id"],
          "item": {"id": item["id"], "title": "nested"}}
     ]
-    assert data["bare"]["jobs"] == []
-    assert data["job"]["item"] == {"id": item["id"], "title": "nested", "jobs": [{"id": job["id"]}]}
+    assert data["bare"]["jobs"]["nodes"] == []
+    assert data["job"]["item"] == {
+        "id": item["id"], "title": "nested", "jobs": {"nodes": [{"id": job["id"]}]}
+    }
     assert data["loose"] == {"trackerItemId": None, "item": None}
 
     # nested lists resolve per item when several items are read at once
-    listed = (await member.data("{ items { nodes { id jobs { id } } } }"))["items"]["nodes"]
-    assert {n["id"]: [j["id"] for j in n["jobs"]] for n in listed} == {
+    listed = (await member.data("{ items { nodes { id jobs { nodes { id } } } } }"))
+    assert {n["id"]: [j["id"] for j in n["jobs"]["nodes"]] for n in listed["items"]["nodes"]} == {
         item["id"]: [job["id"]], bare["id"]: []
     }
 

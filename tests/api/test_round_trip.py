@@ -27,7 +27,7 @@ mutation($id: ID!, $fence: Int!, $to: JobStage!, $metrics: JobMetricsInput) {
 """
 ITEM = """
 query($id: ID!) { item(id: $id) { status comments { nodes { kind body author } }
-  jobs { id stage } } }
+  jobs { nodes { id stage } } } }
 """
 
 

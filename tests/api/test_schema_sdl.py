@@ -163,7 +163,7 @@ def test_first_arguments_are_nullable_ints_defaulting_to_fifty(checked_in_schema
     assert query is not None
     assert isinstance(item, GraphQLObjectType)
     for argument in (query.fields["items"].args["first"], query.fields["jobs"].args["first"],
-                     item.fields["comments"].args["first"]):
+                     item.fields["comments"].args["first"], item.fields["jobs"].args["first"]):
         assert str(argument.type) == "Int"
         assert _default_of(argument) == 50
 
