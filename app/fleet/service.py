@@ -252,6 +252,31 @@ class FleetService:
         await self._record_stage(session, job, source)
         return job
 
+    async def release_job(
+        self, session: AsyncSession, product_id: str, job_id: int, fence: int,
+        reason: str | None = None,
+    ) -> Job:
+        """The lease holder gives its job back unfinished (the worker was stopped, or its
+        command could not start): QUEUED at once (no backoff), fence raised so the old
+        lease can no longer write, and the claim's attempt is not counted (`attempts`
+        goes back down by one).  It keeps its place in the queue (`queued_at` is
+        unchanged, so its aging goes on).  `reason` is kept in `failureReason`.  One stage-change
+        event, as for any other.  Raises NotFoundError (not in the product) and
+        ConflictError (no lease, stale fence, expired lease).  Issue 10 item 3."""
+        now = self._now()
+        job = await self._held_job(session, product_id, job_id, fence, now)
+        source = job.stage
+        job.stage = JobStage.QUEUED
+        job.attempts = max(0, job.attempts - 1)
+        job.lease_fence += 1
+        job.lease_worker_id = None
+        job.lease_expires_at = None
+        job.not_before = None
+        job.failure_reason = reason
+        job.updated_at = now
+        await self._record_stage(session, job, source)
+        return job
+
     # -- a member's calls ----------------------------------------------------
 
     async def cancel_job(

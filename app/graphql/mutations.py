@@ -178,6 +178,20 @@ class Mutation:
         return await _answer(info, row)
 
     @strawberry.mutation
+    async def release_job(
+        self, info: Info[Context, None], job_id: strawberry.ID, fence: int,
+        reason: str | None = None,
+    ) -> Job:
+        principal = info.context.require(Permission.WORK)
+        job_row_id = require_id("job", job_id)
+        reason = limits.optional_text("reason", reason, max_len=limits.REASON_MAX)
+        async with info.context.db.unit_of_work() as session:
+            row = await info.context.services.fleet.release_job(
+                session, principal.product_id, job_row_id, fence, reason
+            )
+        return await _answer(info, row)
+
+    @strawberry.mutation
     async def cancel_job(
         self, info: Info[Context, None], job_id: strawberry.ID, reason: str | None = None
     ) -> Job:

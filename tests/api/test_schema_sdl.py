@@ -32,6 +32,7 @@ CONTRACT_ROOT_FIELDS = {
     "Mutation": {
         "createItem", "updateItem", "addComment", "submitJob", "ingestItemAsJob",
         "echoJobToItem", "claimNextJob", "heartbeat", "transitionJob", "cancelJob", "retryJob",
+        "releaseJob",
     },
     "Subscription": {"jobStageChanged", "itemStatusChanged"},
 }
@@ -50,6 +51,7 @@ CONTRACT_ARGUMENTS = {
     ("Mutation", "heartbeat"): {"jobId", "fence", "leaseSeconds"},
     ("Mutation", "transitionJob"): {"jobId", "fence", "to", "metrics", "reason", "retryable"},
     ("Mutation", "cancelJob"): {"jobId", "reason"},
+    ("Mutation", "releaseJob"): {"jobId", "fence", "reason"},
     ("Mutation", "retryJob"): {"jobId"},
     ("Subscription", "jobStageChanged"): {"jobId", "after"},
     ("Subscription", "itemStatusChanged"): {"itemId", "after"},
