@@ -1,5 +1,11 @@
 """Engine factory, declarative base and portable column types.
 
+Every wait on the database is bounded (`create_engine(timeout_seconds=…)`, from
+FLEET_DB_TIMEOUT_SECONDS): the pool checkout, the connect, each statement (asyncpg's
+`command_timeout` on the client and `statement_timeout` on the server, so a silent
+partition ends as surely as a slow query) and, on SQLite, the wait for the write
+lock (the busy timeout).  app.uow turns each of those into SERVICE_UNAVAILABLE.
+
 SQLite is tuned for a single busy process: WAL journal, a busy timeout, foreign
 keys on, and transactions begun explicitly so that a unit of work that writes can
 take the write lock up front (`BEGIN IMMEDIATE`).  A deferred transaction that
@@ -30,7 +36,7 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
-SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+DEFAULT_DB_TIMEOUT_SECONDS = 10.0
 BEGIN_MODE_OPTION = "fleet_sqlite_begin"
 
 
@@ -66,15 +72,31 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def create_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    """Create the async engine; SQLite gets WAL, a busy timeout and explicit BEGINs."""
+def create_engine(
+    database_url: str, *, timeout_seconds: float | None = DEFAULT_DB_TIMEOUT_SECONDS,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """Create the async engine; SQLite gets WAL, a busy timeout and explicit BEGINs.
+
+    `timeout_seconds` bounds every wait (seconds): pool checkout, connect, each
+    statement on PostgreSQL (client and server side) and the SQLite lock wait.
+    None leaves statements unbounded (migrations, which may build large indexes);
+    connects and pool waits stay bounded by the default.
+    """
+    bound = timeout_seconds or DEFAULT_DB_TIMEOUT_SECONDS
+    kwargs.setdefault("pool_timeout", bound)
     if database_url.startswith("sqlite"):
-        connect_args = {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
-        engine = create_async_engine(database_url, connect_args=connect_args, **kwargs)
-        _configure_sqlite(engine)
+        engine = create_async_engine(database_url, connect_args={"timeout": bound}, **kwargs)
+        _configure_sqlite(engine, bound)
         return engine
+    connect_args: dict[str, Any] = {"timeout": bound}
+    if timeout_seconds is not None:
+        connect_args["command_timeout"] = timeout_seconds
+        connect_args["server_settings"] = {
+            "statement_timeout": str(int(timeout_seconds * 1000)),
+        }
     kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(database_url, **kwargs)
+    return create_async_engine(database_url, connect_args=connect_args, **kwargs)
 
 
 def writer_engine(engine: AsyncEngine) -> AsyncEngine:
@@ -84,14 +106,14 @@ def writer_engine(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, busy_timeout_seconds: float) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_seconds * 1000)}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()

@@ -3,6 +3,7 @@ builds the engine, the event hub, the services and the background loops."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -53,7 +54,10 @@ class Runtime:
 
 def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = None) -> Runtime:
     """Wire the services together.  Nothing is started and nothing touches the network."""
-    engine = create_engine(settings.database_url)
+    engine = create_engine(
+        settings.database_url, timeout_seconds=settings.db_timeout_seconds,
+        pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
+    )
     db = Database(engine)
     hub: LocalHub
     if engine.dialect.name == "postgresql":
@@ -118,9 +122,10 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         services: Services = request.app.state.services
-        try:
-            async with services.db.read() as session:
-                await session.execute(text("SELECT 1"))
+        try:  # bounded: a silent partition answers 503 in time, not a hang
+            async with asyncio.timeout(services.settings.db_timeout_seconds):
+                async with services.db.read() as session:
+                    await session.execute(text("SELECT 1"))
         except Exception:
             logger.warning("readiness check failed", exc_info=True)
             return JSONResponse({"status": "unavailable"}, status_code=503)

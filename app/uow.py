@@ -1,18 +1,29 @@
-"""Sessions and units of work.
+"""Sessions and units of work, and the one place database failures are translated.
 
 One `AsyncSession` per request or unit of work.  Services receive the session and
 never commit; `Database.unit_of_work()` commits (or rolls back), and only after a
 successful commit hands the recorded events to `on_commit` (publishing, echo).
 Reads use `Database.read()`, a session whose transaction is simply closed.
+
+Every failure of the store itself — unreachable, connection cut or closed in the
+middle of an operation, connect/statement/pool timeout, server shutting down,
+SQLite lock wait exhausted — leaves `read()` and `unit_of_work()` as
+`StoreUnavailableError` (SERVICE_UNAVAILABLE, DESIGN §8), raised `from` the driver
+error (`store_unavailable`).  The connection it happened on is invalidated (closed
+without a round trip), so nothing waits on a dead peer and the pool never hands it
+out again.  A unit of work that failed committed nothing; one whose COMMIT itself
+was cut off may or may not have committed, all of it or none of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 
-from sqlalchemy.exc import InterfaceError, OperationalError
+import asyncpg
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.db import writer_engine
@@ -21,11 +32,65 @@ from app.events.outbox import EventRecord, discard_recorded, take_recorded
 
 logger = logging.getLogger(__name__)
 
-# What a database that cannot be reached raises: SQLAlchemy's wrappers, and the raw
-# socket errors asyncpg lets through while connecting.
-_UNAVAILABLE = (OperationalError, InterfaceError, OSError, TimeoutError)
+UNAVAILABLE_MESSAGE = "the database is unavailable; try again"
+
+# SQLSTATE classes of a store that cannot serve now, all safe to retry: 08
+# connection exception, 40 transaction rollback (serialization, deadlock), 53
+# insufficient resources, 55P03 lock not available, 57 operator intervention
+# (statement_timeout's query_canceled, admin shutdown, cannot connect now), 58
+# system error.
+_RETRYABLE_SQLSTATE_CLASSES = ("08", "40", "53", "57", "58")
+_RETRYABLE_SQLSTATES = ("55P03",)
+
+# Exceptions that mean the store (or the way to it) failed, whatever wraps them.
+_STORE_FAILURES: tuple[type[BaseException], ...] = (
+    sa_exc.OperationalError,  # SQLite: locked, unable to open; PostgreSQL: connect errors
+    sa_exc.InterfaceError,  # connection closed in the middle of an operation
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,  # the pool had no connection to give within pool_timeout
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # asyncpg's ConnectionDoesNotExistError and friends
+    OSError,  # raw socket errors asyncpg lets through while connecting
+    TimeoutError,  # asyncpg's connect timeout and command_timeout
+)
 
 CommitHook = Callable[[Sequence[EventRecord]], Awaitable[None]]
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        orig = getattr(current, "orig", None)  # SQLAlchemy's DBAPIError wraps the driver's
+        current = orig if isinstance(orig, BaseException) else (
+            current.__cause__ or current.__context__
+        )
+
+
+def is_store_failure(exc: BaseException) -> bool:
+    """True when `exc` (or what it wraps) says the store could not serve, as opposed
+    to a refused statement (constraint, bad SQL) or a domain error."""
+    for error in _chain(exc):
+        if isinstance(error, (StoreUnavailableError, *_STORE_FAILURES)):
+            return True
+        if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+            return True
+        sqlstate = getattr(error, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate[:2] in _RETRYABLE_SQLSTATE_CLASSES or sqlstate in _RETRYABLE_SQLSTATES
+        ):
+            return True
+    return False
+
+
+def store_unavailable(exc: BaseException) -> StoreUnavailableError:
+    """The client-facing error for a store failure (raise it `from exc`)."""
+    if isinstance(exc, StoreUnavailableError):
+        return exc
+    logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+    return StoreUnavailableError(UNAVAILABLE_MESSAGE)
 
 
 class Database:
@@ -43,33 +108,59 @@ class Database:
 
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
-        try:
-            async with self._reader() as session:
-                yield session
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError("the database is unavailable; try again") from exc
+        """A read session; store failures leave as `StoreUnavailableError`."""
+        async with self.session(self._reader, commit=False) as session:
+            yield session
 
     @asynccontextmanager
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
         """A write transaction: commit on success, roll back on any error.
 
         On SQLite the transaction takes the write lock when it begins, so units of
-        work never interleave and never fail with "database is locked".
+        work never interleave and never fail with "database is locked" (unless the
+        lock is not free within FLEET_DB_TIMEOUT_SECONDS: SERVICE_UNAVAILABLE).
         """
-        try:
-            async with self._writer() as session:
-                try:
-                    yield session
-                    await session.commit()
-                except BaseException:
-                    discard_recorded(session)
-                    await session.rollback()
-                    raise
-                records = take_recorded(session)
-        except _UNAVAILABLE as exc:
-            raise StoreUnavailableError("the database is unavailable; try again") from exc
+        async with self.session(self._writer, commit=True) as session:
+            yield session
+        records = take_recorded(session)  # committed: the session is closed, its info kept
         if records and self.on_commit is not None:
             await self.on_commit(records)
 
+    @asynccontextmanager
+    async def session(
+        self, maker: async_sessionmaker[AsyncSession], *, commit: bool
+    ) -> AsyncIterator[AsyncSession]:
+        """The one place a session ends: committed (`commit`), closed, rolled back on
+        an error, or invalidated on a store failure — which leaves as
+        `StoreUnavailableError` raised from the driver's error."""
+        session = maker()
+        try:
+            try:
+                yield session
+                if commit:
+                    await session.commit()
+            except BaseException as exc:
+                discard_recorded(session)
+                # Cancelled mid-statement, the connection's state is unknown: drop it too.
+                if isinstance(exc, asyncio.CancelledError) or is_store_failure(exc):
+                    await _invalidate(session)
+                else:
+                    await session.rollback()
+                raise
+            finally:
+                await session.close()
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise store_unavailable(exc) from exc
+            raise
+
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def _invalidate(session: AsyncSession) -> None:
+    """Drop the session's connections without talking to the server (it may not answer)."""
+    try:
+        await asyncio.shield(session.invalidate())
+    except Exception:  # the connection is gone either way
+        logger.debug("invalidating a failed session raised", exc_info=True)

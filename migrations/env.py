@@ -47,7 +47,7 @@ def _run(connection: Connection) -> None:
 
 
 async def run_migrations_online() -> None:
-    engine = create_engine(_url())
+    engine = create_engine(_url(), timeout_seconds=None)  # DDL may run long
     try:
         async with engine.connect() as connection:
             await connection.run_sync(_run)

@@ -18,6 +18,7 @@ from app.errors import FleetError
 from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
 from app.graphql.subscriptions import Subscription
+from app.uow import is_store_failure, store_unavailable
 
 logger = logging.getLogger("app.graphql")
 
@@ -37,6 +38,14 @@ class MaskUnexpectedErrors(MaskErrors):
 
     def anonymise_error(self, error: GraphQLError) -> GraphQLError:
         original = error.original_error
+        if original is not None and is_store_failure(original):
+            # A store failure that escaped app.uow's translation: still not a 500.
+            unavailable = store_unavailable(original)
+            return GraphQLError(
+                unavailable.message, nodes=error.nodes, source=error.source,
+                positions=error.positions, path=error.path, original_error=unavailable,
+                extensions=unavailable.extensions,
+            )
         logger.error(
             "unexpected error at %s: %r", ".".join(map(str, error.path or [])), original,
             exc_info=(type(original), original, original.__traceback__) if original else None,
