@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     # The database: every connect, statement, pool wait and SQLite lock wait gives up
     # after this long and the request answers SERVICE_UNAVAILABLE (app.uow).
     db_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
-    db_pool_size: int = Field(default=10, ge=1, le=1_000)
+    db_pool_size: int = Field(default=5, ge=1, le=1_000)
     db_max_overflow: int = Field(default=10, ge=0, le=1_000)
 
     # Echo every stage change of a tracker-linked job back onto its item.
