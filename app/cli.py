@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import typer
 
@@ -95,34 +94,48 @@ def worker(
     profile: list[str] = typer.Option([], help="A profile it serves (repeat)."),
     lease_seconds: int | None = typer.Option(None, help="Lease length (default: the server's)."),
     poll_seconds: float = typer.Option(5.0, min=0.1, help="Wait between empty claims."),
+    retry_max_seconds: float = typer.Option(
+        30.0, min=0.1, help="Longest wait between retries of a failed request."),
+    timeout: float = typer.Option(30.0, min=0.1, help="Seconds one request may take."),
     once: bool = typer.Option(False, "--once", help="Process at most one job, then exit."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log each job to stderr."),
+    status: bool | None = typer.Option(
+        None, "--status/--no-status", help="Live status line (default: on a terminal)."),
 ) -> None:
     """Claim jobs and run COMMAND for each: `fleetbridge worker --token T -- ./run-agent.sh`.
 
     The job's fields are in FLEET_JOB_* environment variables and its bodyMd on stdin.
     Exit 0 ships the job; any other exit fails it with the exit code as the reason;
-    exit 75 (EX_TEMPFAIL) fails it as retryable.  See app/worker.py.
+    exit 75 (EX_TEMPFAIL) fails it as retryable.  One line per job event on stderr.
+    Unavailable or unreachable service: retried, never fatal.  SIGINT/SIGTERM release
+    the held job (its attempt not counted) and exit 130/143; a command that cannot be
+    started releases the job and exits 2.  See app/worker.py.
     """
-    import httpx
+    from app.client import FleetApiError, FleetClient, RetryPolicy, describe
+    from app.worker import CommandError, WorkerConfig, run_worker
+    from app.worker_report import Reporter
 
-    from app.worker import FleetApiError, WorkerConfig, run_worker
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = WorkerConfig(
         command=command, capabilities=capability, engine_classes=engine_class,
         profiles=profile, lease_seconds=lease_seconds, poll_seconds=poll_seconds, once=once,
         **({"worker_id": worker_id} if worker_id else {}),
     )
-    try:
-        outcomes = asyncio.run(run_worker(url, token, config))
-    except (FleetApiError, httpx.HTTPError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from exc
-    for outcome in outcomes:
-        state = "lease lost" if outcome.lease_lost else outcome.stage
-        typer.echo(f"job {outcome.job_id}: exit {outcome.exit_code} -> {state}", err=True)
+    client = FleetClient(url, token, timeout=timeout,
+                         retry=RetryPolicy(max_seconds=retry_max_seconds))
+    with Reporter(live=status) as reporter:
+        try:
+            finished = asyncio.run(run_worker(client, config, reporter))
+        except CommandError as exc:
+            reporter.line(f"error: {exc}")
+            raise typer.Exit(2) from exc
+        except FleetApiError as exc:
+            reporter.line(f"error: {exc}")
+            raise typer.Exit(2) from exc
+        except Exception as exc:  # a transport failure that was not retried
+            reporter.line(f"error: {describe(exc)}")
+            raise typer.Exit(2) from exc
+    if finished.signal is not None:
+        reporter.line(f"worker stopped by {finished.signal.name}")
+        raise typer.Exit(128 + int(finished.signal))
 
 
 @cli.command()
@@ -143,29 +156,31 @@ def watch(
     With --job or --item only the named streams are watched; otherwise both (or the
     one named by --only).
     """
-    from app.watch import Stream, WatchError, WatchOptions
+    from app.client import FleetApiError, FleetClient, FleetEvent, describe
+    from app.watch import WatchOptions, choose_streams
     from app.watch import watch as run_watch
 
     if only not in (None, "job", "item"):
         typer.echo("error: --only takes `job` or `item`", err=True)
         raise typer.Exit(2)
-    streams = [Stream(kind, entity) for kind, entity in (("job", job), ("item", item))
-               if entity is not None]
-    if not streams:
-        streams = [Stream(kind) for kind in ("job", "item") if only in (None, kind)]
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
 
-    def show(event: Any) -> None:
+    def show(event: FleetEvent) -> None:
         typer.echo(event.as_json() if as_json else event.line())
 
-    options = WatchOptions(url=url, token=token, streams=streams, after=after, limit=limit,
+    options = WatchOptions(streams=choose_streams(job, item, only), after=after, limit=limit,
                            reconnect=reconnect)
     try:
-        asyncio.run(run_watch(options, show))
-    except WatchError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        asyncio.run(run_watch(FleetClient(url, token), options, show))
+    except FleetApiError as exc:
+        typer.echo(f"error: {exc.message} ({exc.code})", err=True)
         raise typer.Exit(2) from exc
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
+    except Exception as exc:  # the first connection failed
+        typer.echo(f"error: cannot connect to {url}: {describe(exc)}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def main() -> None:
