@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint typecheck schema bench clean
+.PHONY: run test install lint typecheck schema web bench clean
 
 $(BIN)/fleetbridge: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,10 @@ install: $(BIN)/fleetbridge
 run: install
 	@./scripts/demo.sh
 
-## Set up and run the whole suite: lint, types, schema freshness, tests (SQLite + PostgreSQL).
+## Set up and run the whole suite: lint, types, schema and web build freshness, tests.
 test: install lint typecheck
 	$(BIN)/python scripts/export_schema.py --check
+	$(BIN)/python scripts/check_web_build.py
 	$(BIN)/pytest -q
 
 lint:
@@ -30,6 +31,10 @@ typecheck:
 
 schema: install
 	$(BIN)/python scripts/export_schema.py
+
+## Rebuild the board and GraphiQL into app/web/static (commit the result).
+web:
+	cd web && npm ci --no-audit --no-fund && npm run build
 
 bench: install
 	$(BIN)/python bench/bench_claim.py

@@ -8,10 +8,10 @@ file in the working directory.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./fleetbridge.db"
 
@@ -58,6 +58,16 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     graphiql: bool = True
+    # Browser origins (scheme://host[:port]) allowed to call /graphql from another
+    # origin, comma-separated; empty means same-origin only.  `*` allows any origin.
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
+        return value
 
     @property
     def is_sqlite(self) -> bool:

@@ -13,6 +13,8 @@ from datetime import timedelta
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -31,6 +33,7 @@ from app.graphql.schema import schema
 from app.graphql.view import FleetGraphQL
 from app.metrics import ServiceMetrics
 from app.uow import Database
+from app.web import web_routes
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +145,25 @@ def create_app(
             Route("/healthz", healthz),
             Route("/readyz", readyz),
             Route("/metrics", metrics),
+            *web_routes(),
         ],
+        middleware=cors_middleware(settings),
         lifespan=lifespan,
     )
+
+
+def cors_middleware(settings: Settings) -> list[Middleware]:
+    """`FLEET_CORS_ORIGINS` lets browser apps on those origins call the API: preflights
+    from them are answered, others get 400 and no `Access-Control-Allow-Origin`.
+    Bearer tokens travel in a header, so credentials (cookies) are not allowed.  With no
+    origin configured there is no CORS at all: same-origin only (issue 9)."""
+    if not settings.cors_origins:
+        return []
+    return [Middleware(
+        CORSMiddleware,
+        allow_origins=list(settings.cors_origins),
+        allow_methods=["GET", "POST"],
+        allow_headers=["authorization", "content-type", "accept"],
+        allow_credentials=False,
+        max_age=600,
+    )]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Migrate the SQLite database, create a demo product with a member and a worker
-# token, print them with the GraphiQL address, and serve.
+# token, print them with the board and GraphiQL addresses, and serve.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -16,6 +16,7 @@ cat <<MSG
 
   fleetbridge is starting with product '$PRODUCT' on ${DATABASE_URL:-the SQLite file ./fleetbridge.db}
 
+  fleet board:   http://$HOST:$PORT/board   (paste a token to sign in)
   GraphiQL:      http://$HOST:$PORT/graphql
   member token:  $MEMBER
   worker token:  $WORKER

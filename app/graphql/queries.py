@@ -27,7 +27,9 @@ class Query:
         return Viewer(
             product_id=principal.product_id,
             role=principal.role,
-            event_cursor=encode_event_cursor(last) if last else None,
+            # Before the product's first event this is the cursor of the start, so a
+            # subscriber that passes it misses nothing made after this read.
+            event_cursor=encode_event_cursor(last or 0),
         )
 
     @strawberry.field

@@ -23,6 +23,7 @@ from strawberry.types.unset import UnsetType
 from app.auth.service import Principal, authenticate, parse_bearer
 from app.errors import StoreUnavailableError
 from app.graphql.context import Context, Services
+from app.web import GRAPHIQL_HTML, html_page
 
 
 class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
@@ -62,6 +63,13 @@ class FleetGraphQL(GraphQL[Context, None]):
             except StoreUnavailableError as exc:  # answered as an error, not a 500
                 context.auth_failure = exc
         return context
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        """GraphiQL from the package's own assets (app/web/static/graphiql), built from the
+        npm packages, instead of strawberry's page, which loads its scripts from a CDN and
+        stays blank offline.  Its headers tab goes out as HTTP headers and, for
+        subscriptions, as the `connection_init` payload read by `on_ws_connect`."""
+        return html_page(GRAPHIQL_HTML)
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         params: Any = context.connection_params
