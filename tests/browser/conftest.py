@@ -125,21 +125,23 @@ def make_token(database_url: str, product: str, role: Role) -> str:
         return pool.submit(asyncio.run, create()).result()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser_db(sqlite_template: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("browser") / "fleet.db"
     shutil.copyfile(sqlite_template, path)
     return f"sqlite+aiosqlite:///{path}"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(browser_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    """One server for the module's tests; each test works in its own product."""
+    """One server for the browser tests; each test works in its own product."""
     serve = Serve(browser_db, tmp_path_factory.mktemp("logs")).start()
     yield serve
     serve.stop()
 
 
+# Module scope, not session: while Playwright's sync API is started its event loop runs
+# in this thread, which the asyncio tests of later modules must not see.
 @pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     if sync_playwright is None:
