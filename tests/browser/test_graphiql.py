@@ -33,7 +33,7 @@ def response_text(page: Page) -> str:
 
 def open_graphiql(page: Page, url: str, token: str) -> None:
     page.goto(f"{url}/graphql")
-    expect(page.locator(".graphiql-query-editor .CodeMirror")).to_have_count(1, timeout=15_000)
+    expect(page.locator(".graphiql-query-editor .CodeMirror")).to_have_count(1, timeout=30_000)
     headers = page.locator(".graphiql-editor-tool .graphiql-editor:not(.hidden)")
     expect(headers).to_have_count(1)
     page.evaluate(
@@ -58,7 +58,7 @@ def test_graphiql_runs_a_query_with_a_header_and_nothing_leaves_the_server(
     open_graphiql(page, server.url, token)
     set_editor(page, ".graphiql-query-editor", "{ viewer { role } }")
     run(page)
-    expect(page.locator(".graphiql-response")).to_contain_text('"role": "MEMBER"', timeout=10_000)
+    expect(page.locator(".graphiql-response")).to_contain_text('"role": "MEMBER"', timeout=20_000)
     assert json.loads(response_text(page)) == {"data": {"viewer": {"role": "MEMBER"}}}
     screenshot(page, "graphiql")
     assert offsite.blocked == [], f"requests to other hosts: {offsite.blocked}"
@@ -77,10 +77,10 @@ def test_graphiql_subscribes_with_the_header_in_connection_init(
                f'subscription Live {{ jobStageChanged(after: "{cursor}") {{ jobId to }} }}')
     run(page)
     expect(page.locator(".graphiql-execute-button")).to_have_attribute(
-        "aria-label", re.compile("^Stop query"), timeout=5_000)
+        "aria-label", re.compile("^Stop query"), timeout=20_000)
     job_id = member.data(SUBMIT, input={"title": "seen in GraphiQL", "bodyMd": "x"})[
         "submitJob"]["job"]["id"]
     expect(page.locator(".graphiql-response")).to_contain_text(
-        f'"jobId": "{job_id}"', timeout=10_000)
+        f'"jobId": "{job_id}"', timeout=20_000)
     assert '"to": "QUEUED"' in response_text(page)
     assert offsite.blocked == []
