@@ -46,6 +46,21 @@ def open_graphiql(page: Page, url: str, token: str) -> None:
     )
 
 
+def settle(page: Page, query: str, token: str, operation: str | None = None) -> None:
+    """Wait until GraphiQL's own state holds the editors' text: it takes the query, its
+    operation name and the headers from the editors with a debounce, and a run started
+    before that would send the previous operation name."""
+    page.wait_for_function(
+        """([query, token, operation]) => {
+          const state = JSON.parse(localStorage.getItem('graphiql:tabState') || '{}');
+          const tab = (state.tabs || [])[state.activeTabIndex];
+          return Boolean(tab) && tab.query === query && (tab.headers || '').includes(token)
+            && (operation === null || tab.operationName === operation);
+        }""",
+        arg=[query, token, operation],
+    )
+
+
 def run(page: Page) -> None:
     page.locator(".graphiql-execute-button").click()
 
@@ -57,6 +72,7 @@ def test_graphiql_runs_a_query_with_a_header_and_nothing_leaves_the_server(
     token = make_token(browser_db, "graphiql0", Role.MEMBER)
     open_graphiql(page, server.url, token)
     set_editor(page, ".graphiql-query-editor", "{ viewer { role } }")
+    settle(page, "{ viewer { role } }", token)
     run(page)
     expect(page.locator(".graphiql-response")).to_contain_text('"role": "MEMBER"', timeout=20_000)
     assert json.loads(response_text(page)) == {"data": {"viewer": {"role": "MEMBER"}}}
@@ -73,8 +89,9 @@ def test_graphiql_subscribes_with_the_header_in_connection_init(
     # From a cursor, so the job submitted below is seen however late the server subscribes.
     cursor = member.data("{ viewer { eventCursor } }")["viewer"]["eventCursor"]
     open_graphiql(page, server.url, token)
-    set_editor(page, ".graphiql-query-editor",
-               f'subscription Live {{ jobStageChanged(after: "{cursor}") {{ jobId to }} }}')
+    query = f'subscription Live {{ jobStageChanged(after: "{cursor}") {{ jobId to }} }}'
+    set_editor(page, ".graphiql-query-editor", query)
+    settle(page, query, token, "Live")
     run(page)
     expect(page.locator(".graphiql-execute-button")).to_have_attribute(
         "aria-label", re.compile("^Stop query"), timeout=20_000)
