@@ -31,6 +31,9 @@ class Settings(BaseSettings):
 
     # Echo every stage change of a tracker-linked job back onto its item.
     tracker_echo: bool = False
+    # An item created with this label, or updated to carry it, is ingested as a job in
+    # the same unit of work (DESIGN §4, "Tracker → fleet").  Empty disables it.
+    auto_ingest_label: str = Field(default="fleet", max_length=100)
 
     # Leases and the scheduler.
     lease_seconds: int = Field(default=300, ge=5, le=86_400)

@@ -80,6 +80,7 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     bridge = BridgeService(
         db, fleet, echo_writer=echo_writer or write_status_and_comment,
         retry_max_seconds=settings.echo_sweep_max_backoff_seconds,
+        auto_ingest_label=settings.auto_ingest_label,
     )
     metrics = ServiceMetrics()
 

@@ -101,18 +101,77 @@ class JobFigures:
     tokens_out: int
 
 
-def echo_comment(figures: JobFigures, status: ItemStatus, now: datetime) -> str:
-    """The SYSTEM comment written with an echoed status change: metrics only."""
+@dataclass(frozen=True, slots=True)
+class EchoPlan:
+    """What one echo writes: the status to set on the item (None: leave it), whether
+    to add the metrics comment, and what to record as the bridge's own status."""
+
+    set_status: ItemStatus | None
+    comment: bool
+    bridge_status: ItemStatus | None
+
+
+def plan_echo(
+    *,
+    stage: JobStage,
+    job_last_status: ItemStatus | None,
+    terminal_pending: bool,
+    item_status: ItemStatus,
+    bridge_status: ItemStatus | None,
+    latest: bool,
+) -> EchoPlan:
+    """DESIGN §4's echo rules for one job echoing `stage` onto its item.
+
+    - the stage maps to a status (`item_status_for_stage`); it is news when the job
+      has not echoed that status before (`job_last_status`);
+    - the bridge owns the item's status only while the item shows what the bridge
+      last wrote (`bridge_status`), or TODO before the first echo, and the item is not
+      CANCELLED; only the item's `latest` job sets a status;
+    - news the item does not show yet adds the metrics comment, with the status set
+      when the bridge owns it and left alone otherwise;
+    - a terminal stage whose comment is not written yet (`terminal_pending`) always
+      adds it, once (the caller records that it did);
+    - when the latest job's status is what the item already shows, the bridge takes
+      that as its own again (`bridge_status` in the plan).
+    """
+    status = item_status_for_stage(stage)
+    cancelled = item_status == ItemStatus.CANCELLED
+    owns = latest and not cancelled and (
+        item_status == bridge_status or (bridge_status is None and item_status == ItemStatus.TODO)
+    )
+    news = status is not None and status != job_last_status and status != item_status
+    set_status = status if news and owns else None
+    adopted = latest and not cancelled and status is not None and item_status == status
+    return EchoPlan(
+        set_status=set_status,
+        comment=terminal_pending or (news and not cancelled),
+        bridge_status=status if set_status is not None or adopted else bridge_status,
+    )
+
+
+def echo_comment(figures: JobFigures, status: ItemStatus | None, now: datetime) -> str:
+    """The SYSTEM comment of an echo: metrics only.  `status` is the status the echo
+    set on the item, None when it left the item's status alone.  A job that has
+    ended (SHIPPED, FAILED, CANCELLED) always shows its cost and token totals."""
+    stage = figures.stage.value
+    if status is not None:
+        header = f"fleetbridge: job {figures.job_id} is {stage}; item set to {status.value}."
+    else:
+        header = f"fleetbridge: job {figures.job_id} is {stage}; the item's status is left as is."
     lines = [
-        f"fleetbridge: job {figures.job_id} is {figures.stage.value}; item set to {status.value}.",
-        f"- stage: {figures.stage.value}",
+        header,
+        f"- stage: {stage}",
         f"- attempts: {figures.attempts}/{figures.max_attempts}",
     ]
+    final = figures.stage in _FINAL_STAGES
     if figures.started_at is not None:
         end = figures.finished_at or now
         lines.append(f"- duration: {max(0.0, (end - figures.started_at).total_seconds()):.1f}s")
-    if figures.cost_usd:
+    if figures.cost_usd or final:
         lines.append(f"- cost: ${figures.cost_usd:.4f}")
-    if figures.tokens_in or figures.tokens_out:
+    if figures.tokens_in or figures.tokens_out or final:
         lines.append(f"- tokens: {figures.tokens_in} in / {figures.tokens_out} out")
     return "\n".join(lines)
+
+
+_FINAL_STAGES = frozenset({JobStage.SHIPPED, JobStage.FAILED, JobStage.CANCELLED})

@@ -38,6 +38,9 @@ class Priority(enum.StrEnum):
     URGENT = "URGENT"
 
 
+JOB_STAGE = Enum(JobStage, native_enum=False, length=16, name="job_stage")
+
+
 class Job(Base):
     """A unit of fleet work.
 
@@ -66,9 +69,7 @@ class Job(Base):
     title: Mapped[str] = mapped_column(String(200))
     body_md: Mapped[str] = mapped_column(Text)
     kind: Mapped[str] = mapped_column(String(64), default="code")
-    stage: Mapped[JobStage] = mapped_column(
-        Enum(JobStage, native_enum=False, length=16, name="job_stage"), default=JobStage.QUEUED
-    )
+    stage: Mapped[JobStage] = mapped_column(JOB_STAGE, default=JobStage.QUEUED)
     priority: Mapped[Priority] = mapped_column(
         Enum(Priority, native_enum=False, length=16, name="job_priority"),
         default=Priority.NORMAL,
@@ -93,6 +94,10 @@ class Job(Base):
     last_echoed_status: Mapped[ItemStatus | None] = mapped_column(ITEM_STATUS)
     echo_attempts: Mapped[int] = mapped_column(Integer, default=0)
     echo_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The stage whose echo last completed (its terminal comment, once, included), and
+    # the stage a failed echo attempted (what the sweeper retries with the flag off).
+    echoed_stage: Mapped[JobStage | None] = mapped_column(JOB_STAGE)
+    echo_retry_stage: Mapped[JobStage | None] = mapped_column(JOB_STAGE)
 
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     failure_reason: Mapped[str | None] = mapped_column(Text)

@@ -6,10 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import (
-    Case,
     Select,
-    and_,
-    case,
     func,
     literal,
     or_,
@@ -25,8 +22,7 @@ from sqlalchemy.orm import aliased
 from app.db import UTCDateTime
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import Candidate, WorkerProfile, is_eligible
-from app.fleet.stages import ACTIVE_STAGES
-from app.tracker.models import Item, ItemStatus
+from app.fleet.stages import ACTIVE_STAGES, TERMINAL_STAGES
 
 # How many queued jobs of one priority the claim reads at a time while looking for
 # one whose capabilities the worker has.  Larger windows cost more per read; the
@@ -70,6 +66,46 @@ async def first_jobs_of_items(
     job = aliased(Job, ranked)
     stmt = select(job).where(ranked.c.position <= limit).order_by(job.tracker_item_id, job.id)
     return (await session.execute(stmt)).scalars().all()
+
+
+async def count_jobs_of_item(session: AsyncSession, product_id: str, item_id: int) -> int:
+    stmt = select(func.count()).select_from(Job).where(
+        Job.product_id == product_id, Job.tracker_item_id == item_id
+    )
+    return int((await session.execute(stmt)).scalar_one())
+
+
+async def latest_job_of_item(
+    session: AsyncSession, product_id: str, item_id: int, *, open_only: bool = False
+) -> Job | None:
+    """The newest job linked to one tracker item (with `open_only`, the newest that
+    has not ended); None when there is none."""
+    stmt = select(Job).where(Job.product_id == product_id, Job.tracker_item_id == item_id)
+    if open_only:
+        stmt = stmt.where(Job.stage.not_in(TERMINAL_STAGES))
+    stmt = stmt.order_by(Job.id.desc()).limit(1)
+    return (await session.execute(stmt)).scalar_one_or_none()
+
+
+async def open_jobs_of_item(
+    session: AsyncSession, product_id: str, item_id: int
+) -> Sequence[Job]:
+    """The jobs of one tracker item that have not ended, oldest first, locked."""
+    stmt = (
+        select(Job)
+        .where(Job.product_id == product_id, Job.tracker_item_id == item_id,
+               Job.stage.not_in(TERMINAL_STAGES))
+        .order_by(Job.id)
+        .with_for_update()
+    )
+    return (await session.execute(stmt)).scalars().all()
+
+
+async def latest_job_id_of_item(session: AsyncSession, product_id: str, item_id: int) -> int | None:
+    stmt = select(func.max(Job.id)).where(
+        Job.product_id == product_id, Job.tracker_item_id == item_id
+    )
+    return (await session.execute(stmt)).scalar_one_or_none()
 
 
 async def get_by_idempotency_key(session: AsyncSession, product_id: str, key: str) -> Job | None:
@@ -188,42 +224,30 @@ async def expired_leases(session: AsyncSession, now: datetime, limit: int) -> Se
     return (await session.execute(stmt)).scalars().all()
 
 
-def item_status_of_stage() -> Case[str]:
-    """SQL mirror of `app.bridge.mapping.item_status_for_stage`."""
-    return case(
-        (Job.stage.in_([JobStage.QUEUED, *ACTIVE_STAGES]), ItemStatus.IN_PROGRESS.value),
-        (Job.stage == JobStage.SHIPPED, ItemStatus.DONE.value),
-        (Job.stage == JobStage.FAILED, ItemStatus.BLOCKED.value),
-        else_=None,
-    )
-
-
 async def echo_backlog(
     session: AsyncSession, now: datetime, limit: int, *, every_stage_change: bool
-) -> Sequence[tuple[str, int]]:
-    """(product, job id) of tracker-linked jobs whose item has not caught up yet.
+) -> Sequence[tuple[str, int, JobStage | None]]:
+    """(product, job id, stage to echo) of tracker-linked jobs whose echo is due.
 
     With `every_stage_change` (FLEET_TRACKER_ECHO on) that is every such job whose
-    mapped status differs from the last one echoed; otherwise only jobs whose echo
-    failed before and is waiting for a retry.  Items a person cancelled are left alone.
+    current stage has not been echoed yet, to be echoed at its current stage (None);
+    otherwise only jobs whose manual echo failed and waits for a retry, each with the
+    stage that echo attempted (DESIGN §4).  Jobs still backing off are left out.
     """
-    mapped = item_status_of_stage()
     stmt = (
-        select(Job.product_id, Job.id)
-        .join(Item, and_(Item.id == Job.tracker_item_id, Item.product_id == Job.product_id))
+        select(Job.product_id, Job.id, Job.echo_retry_stage)
         .where(
             Job.tracker_item_id.is_not(None),
-            Item.status != ItemStatus.CANCELLED,
-            mapped.is_not(None),
-            or_(Job.last_echoed_status.is_(None), Job.last_echoed_status != mapped),
             or_(Job.echo_retry_at.is_(None), Job.echo_retry_at <= now),
         )
         .order_by(Job.id)
         .limit(limit)
     )
-    if not every_stage_change:
-        stmt = stmt.where(Job.echo_retry_at.is_not(None))
-    return [(row[0], row[1]) for row in (await session.execute(stmt)).all()]
+    if every_stage_change:
+        stmt = stmt.where(or_(Job.echoed_stage.is_(None), Job.echoed_stage != Job.stage))
+        return [(row[0], row[1], None) for row in (await session.execute(stmt)).all()]
+    stmt = stmt.where(Job.echo_retry_at.is_not(None), Job.echo_retry_stage.is_not(None))
+    return [(row[0], row[1], row[2]) for row in (await session.execute(stmt)).all()]
 
 
 def to_candidate(job: Job) -> Candidate:

@@ -16,18 +16,27 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
-from app.errors import ConflictError, NotFoundError
+from app.errors import BadUserInputError, ConflictError, NotFoundError
 from app.events.models import EventType
 from app.events.outbox import record_event
 from app.fleet import repository
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import WorkerProfile, select_job
-from app.fleet.stages import ACTIVE_STAGES, can_worker_move, is_terminal, retry_backoff_seconds
+from app.fleet.stages import (
+    ACTIVE_STAGES,
+    BUDGET_EXCEEDED_REASON,
+    can_worker_move,
+    is_terminal,
+    over_budget,
+    retry_backoff_seconds,
+)
 from app.pagination import Page, decode_cursor, make_page
 from app.tracker import repository as tracker_repository
+from app.tracker.models import ItemStatus
 
 JOB_CURSOR = "job"
 REAPED_REASON = "lease expired"
+ITEM_CANCELLED_REASON = "item cancelled"
 
 
 class SubmitOutcome(enum.StrEnum):
@@ -136,17 +145,26 @@ class FleetService:
     async def submit_job(
         self, session: AsyncSession, product_id: str, spec: JobSpec
     ) -> SubmitResult:
-        """Create a job, or return the one already submitted under the same key."""
+        """Create a job, or return the one already submitted under the same key.
+
+        Raises BAD_USER_INPUT (`budget`) for a budget that is not > 0, NOT_FOUND for
+        an unknown tracker item and CONFLICT for a new job on a CANCELLED item
+        (DESIGN §2 and §4).
+        """
+        if spec.budget is not None and not spec.budget > 0:
+            raise BadUserInputError("budget", "must be greater than 0 (USD)")
         if spec.idempotency_key is not None:
             existing = await repository.get_by_idempotency_key(
                 session, product_id, spec.idempotency_key
             )
             if existing is not None:
                 return SubmitResult(existing, SubmitOutcome.DEDUPED)
-        if spec.tracker_item_id is not None and await tracker_repository.get_item(
-            session, product_id, spec.tracker_item_id
-        ) is None:
-            raise NotFoundError("item", spec.tracker_item_id)
+        if spec.tracker_item_id is not None:
+            item = await tracker_repository.get_item(session, product_id, spec.tracker_item_id)
+            if item is None:
+                raise NotFoundError("item", spec.tracker_item_id)
+            if item.status == ItemStatus.CANCELLED:
+                raise ConflictError(f"item {item.id} is CANCELLED; it takes no new jobs")
 
         now = self._now()
         job = Job(
@@ -229,6 +247,13 @@ class FleetService:
         reason: str | None = None,
         retryable: bool = False,
     ) -> Job:
+        """Move a held job along the stage graph, adding `metrics` to its totals.
+
+        A job whose cost total goes over its budget ends FAILED (`budget exceeded`,
+        not retryable) in this transition, whatever `to` asked for; the lease ends
+        with it.  CONFLICT for a stale fence, an expired lease or a move outside the
+        graph (DESIGN §2, §4).
+        """
         now = self._now()
         job = await self._held_job(session, product_id, job_id, fence, now)
         if not can_worker_move(job.stage, to):
@@ -238,7 +263,10 @@ class FleetService:
             job.tokens_in += metrics.tokens_in
             job.tokens_out += metrics.tokens_out
         source = job.stage
-        if to == JobStage.FAILED:
+        if over_budget(job.cost_usd, job.budget):
+            job.failure_reason = BUDGET_EXCEEDED_REASON
+            self._finish(job, JobStage.FAILED, now)
+        elif to == JobStage.FAILED:
             job.failure_reason = reason
             if retryable and job.attempts < job.max_attempts:
                 self._requeue(job, now)
@@ -285,12 +313,21 @@ class FleetService:
         job = await self._locked_job(session, product_id, job_id)
         if is_terminal(job.stage):
             raise ConflictError(f"job {job_id} has already ended ({job.stage.value})")
-        source = job.stage
-        job.lease_fence += 1  # whoever holds it can no longer write
-        job.failure_reason = reason
-        self._finish(job, JobStage.CANCELLED, self._now())
-        await self._record_stage(session, job, source)
+        await self._cancel(session, job, reason, self._now())
         return job
+
+    async def cancel_jobs_of_item(
+        self, session: AsyncSession, product_id: str, item_id: int,
+        reason: str = ITEM_CANCELLED_REASON,
+    ) -> list[Job]:
+        """Cancel every job of tracker item `item_id` that has not ended (oldest
+        first), each as `cancel_job` does: fence raised, one event per job.  Returns
+        the jobs cancelled (DESIGN §4, "Tracker → fleet")."""
+        now = self._now()
+        jobs = list(await repository.open_jobs_of_item(session, product_id, item_id))
+        for job in jobs:
+            await self._cancel(session, job, reason, now)
+        return jobs
 
     async def retry_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
         """Queue a FAILED or CANCELLED job again, with a fresh allowance of attempts."""
@@ -299,7 +336,12 @@ class FleetService:
             raise ConflictError(
                 f"only FAILED or CANCELLED jobs can be retried, not {job.stage.value}"
             )
+        if job.tracker_item_id is not None:
+            item = await tracker_repository.get_item(session, product_id, job.tracker_item_id)
+            if item is not None and item.status == ItemStatus.CANCELLED:
+                raise ConflictError(f"item {item.id} is CANCELLED; its jobs cannot be retried")
         source = job.stage
+        job.echoed_stage = None  # the retried run ends again: its end is echoed anew
         now = self._now()
         job.stage = JobStage.QUEUED
         job.attempts = 0
@@ -354,6 +396,15 @@ class FleetService:
         if job.lease_expires_at is None or job.lease_expires_at <= now:
             raise ConflictError(f"the lease on job {job_id} has expired")
         return job
+
+    async def _cancel(
+        self, session: AsyncSession, job: Job, reason: str | None, now: datetime
+    ) -> None:
+        source = job.stage
+        job.lease_fence += 1  # whoever holds it can no longer write
+        job.failure_reason = reason
+        self._finish(job, JobStage.CANCELLED, now)
+        await self._record_stage(session, job, source)
 
     def _requeue(self, job: Job, now: datetime) -> None:
         delay = retry_backoff_seconds(

@@ -31,6 +31,18 @@ def can_worker_move(source: JobStage, target: JobStage) -> bool:
     return target in worker_moves(source)
 
 
+BUDGET_EXCEEDED_REASON = "budget exceeded"
+# Cost totals are sums of floats: a total within this much of the budget is not over it
+# (0.1 + 0.2 on a 0.3 budget is not an overrun).
+BUDGET_TOLERANCE_USD = 1e-9
+
+
+def over_budget(cost_usd: float, budget: float | None) -> bool:
+    """True when a job's reported cost total (USD) has gone over its budget (USD);
+    a job without a budget is never over it (DESIGN §4, "Tracker → fleet")."""
+    return budget is not None and cost_usd > budget + BUDGET_TOLERANCE_USD
+
+
 def is_terminal(stage: JobStage) -> bool:
     return stage in TERMINAL_STAGES
 

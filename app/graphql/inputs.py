@@ -10,6 +10,7 @@ import strawberry
 
 from app import limits
 from app.bridge.service import IngestOptions as IngestOptionsSpec
+from app.errors import BadUserInputError
 from app.fleet.models import Priority
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec, MetricsDelta
@@ -69,7 +70,13 @@ def _max_attempts(field: str, value: int | None) -> int | None:
 
 
 def _budget(field: str, value: float | None) -> float | None:
-    return None if value is None else limits.number(field, value, lo=0, hi=limits.BUDGET_MAX)
+    """A job's budget in USD: > 0 (DESIGN §4), at most BUDGET_MAX."""
+    if value is None:
+        return None
+    value = limits.number(field, value, lo=0, hi=limits.BUDGET_MAX)
+    if not value > 0:
+        raise BadUserInputError(field, "must be greater than 0 (USD)")
+    return value
 
 
 @strawberry.input

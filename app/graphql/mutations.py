@@ -61,7 +61,9 @@ class Mutation:
         principal = info.context.require(Permission.TRACKER)
         spec = input.to_spec()
         async with info.context.db.unit_of_work() as session:
-            row = await tracker_service.create_item(session, principal.product_id, spec)
+            row = await info.context.services.bridge.create_item(
+                session, principal.product_id, spec, labels_field="input.labels"
+            )
         return Item.from_model(row)
 
     @strawberry.mutation
@@ -72,7 +74,9 @@ class Mutation:
         item_id = require_id("item", id)
         changes = input.to_spec()
         async with info.context.db.unit_of_work() as session:
-            row = await tracker_service.update_item(session, principal.product_id, item_id, changes)
+            row = await info.context.services.bridge.update_item(
+                session, principal.product_id, item_id, changes, labels_field="input.labels"
+            )
         return Item.from_model(row)
 
     @strawberry.mutation

@@ -35,6 +35,9 @@ class Item(Base):
     description: Mapped[str] = mapped_column(Text, default="")
     status: Mapped[ItemStatus] = mapped_column(ITEM_STATUS, default=ItemStatus.TODO)
     labels: Mapped[list[str]] = mapped_column(JsonDocument, default=list)
+    # The status the bridge's echo last wrote onto this item (None before the first
+    # echo).  The echo owns the status only while the item still shows it (DESIGN §4).
+    bridge_status: Mapped[ItemStatus | None] = mapped_column(ITEM_STATUS)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -336,11 +336,14 @@ async def test_with_echo_off_a_full_cycle_writes_nothing_to_the_item(start: Any)
     assert (await item_state(rt, item.id)).status == ItemStatus.DONE
 
 
-async def test_echo_never_reopens_a_cancelled_item_nor_echoes_a_cancelled_job(start: Any) -> None:
+async def test_echo_never_reopens_a_cancelled_item_and_a_cancelled_job_writes_no_status(
+    start: Any,
+) -> None:
     writer = CountingWriter()
     rt: Runtime = await start(tracker_echo=True, echo_writer=writer)
     item = await new_item(rt, labels=LABELS)
     job = (await ingest(rt, item.id)).job
+    # the tracker alone (not through the bridge, which would cancel the job too)
     async with rt.services.db.unit_of_work() as session:
         await tracker_service.update_item(session, PRODUCT, item.id,
                                           ItemChanges(status=ItemStatus.CANCELLED))
@@ -349,25 +352,30 @@ async def test_echo_never_reopens_a_cancelled_item_nor_echoes_a_cancelled_job(st
 
     lease = await claim(rt)
     assert lease is not None
-    await move(rt, lease, JobStage.BUILDING)
-    await move(rt, lease, JobStage.SHIPPED)
+    await move(rt, lease, JobStage.BUILDING)  # no comment: nothing to say on a closed item
+    assert writer.calls == calls
+    await move(rt, lease, JobStage.SHIPPED)  # the final figures still arrive, once
     assert (await rt.services.bridge.echo_job(PRODUCT, job.id)).echoed is None
     assert await rt.loops.sweep_echoes_once() == 0
-    assert await item_state(rt, item.id) == cancelled
-    assert cancelled.status == ItemStatus.CANCELLED
-    assert writer.calls == calls
+    after = await item_state(rt, item.id)
+    assert (after.status, after.comments) == (ItemStatus.CANCELLED, cancelled.comments + 1)
+    assert await status_changes(rt, item.id) == [("TODO", "IN_PROGRESS"),
+                                                 ("IN_PROGRESS", "CANCELLED")]
+    assert writer.calls == calls + 1
 
-    # a CANCELLED job writes no status: its item stays as the last echo left it
+    # a CANCELLED job writes no status, only its final comment
     other = await new_item(rt, title="another")
     other_job = (await ingest(rt, other.id)).job
     before = await item_state(rt, other.id)
-    assert (before.status, writer.calls) == (ItemStatus.IN_PROGRESS, calls + 1)
+    assert (before.status, writer.calls) == (ItemStatus.IN_PROGRESS, calls + 2)
     async with rt.services.db.unit_of_work() as session:
         await rt.services.fleet.cancel_job(session, PRODUCT, other_job.id)
     assert (await rt.services.bridge.echo_job(PRODUCT, other_job.id)).echoed is None
-    assert await item_state(rt, other.id) == before
+    after = await item_state(rt, other.id)
+    assert (after.status, after.comments) == (ItemStatus.IN_PROGRESS, before.comments + 1)
     assert (await load_job(rt, other_job.id)).last_echoed_status == ItemStatus.IN_PROGRESS
-    assert writer.calls == calls + 1
+    assert "CANCELLED" in (await comments(rt, other.id))[-1].body
+    assert writer.calls == calls + 3
 
 
 async def test_another_product_cannot_ingest_or_echo_ours(start: Any) -> None:

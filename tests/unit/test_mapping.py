@@ -10,11 +10,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from app.bridge.mapping import (
+    EchoPlan,
     JobFigures,
     LabelHints,
     echo_comment,
     hints_from_labels,
     item_status_for_stage,
+    plan_echo,
 )
 from app.bridge.service import IngestOptions, job_spec_for_item
 from app.errors import BadUserInputError
@@ -323,3 +325,87 @@ def test_a_bad_priority_label_is_refused_even_when_options_set_the_priority() ->
         job_spec_for_item(item(labels=["priority:someday"]), IngestOptions(priority=Priority.LOW))
     assert caught.value.field == "labels"
     assert "priority:someday" in caught.value.message
+
+
+# -- the echo rules (who owns the item's status) -----------------------------------
+
+
+def plan(**overrides: object) -> EchoPlan:
+    values: dict[str, object] = {
+        "stage": JobStage.BUILDING, "job_last_status": None, "terminal_pending": False,
+        "item_status": ItemStatus.TODO, "bridge_status": None, "latest": True,
+    }
+    values.update(overrides)
+    return plan_echo(**values)  # type: ignore[arg-type]
+
+
+def test_the_first_echo_owns_a_todo_item() -> None:
+    assert plan() == EchoPlan(ItemStatus.IN_PROGRESS, True, ItemStatus.IN_PROGRESS)
+
+
+@pytest.mark.parametrize("status", [ItemStatus.BLOCKED, ItemStatus.DONE])
+def test_before_the_first_echo_only_todo_is_the_bridges(status: ItemStatus) -> None:
+    assert plan(item_status=status) == EchoPlan(None, True, None)
+
+
+def test_the_bridge_owns_the_status_it_wrote_last() -> None:
+    assert plan(stage=JobStage.FAILED, job_last_status=ItemStatus.IN_PROGRESS,
+                terminal_pending=True, item_status=ItemStatus.IN_PROGRESS,
+                bridge_status=ItemStatus.IN_PROGRESS) == EchoPlan(
+        ItemStatus.BLOCKED, True, ItemStatus.BLOCKED)
+
+
+@pytest.mark.parametrize("person", [ItemStatus.TODO, ItemStatus.DONE])
+def test_a_persons_status_wins_and_the_comment_is_still_written(person: ItemStatus) -> None:
+    result = plan(stage=JobStage.FAILED, job_last_status=ItemStatus.IN_PROGRESS,
+                  terminal_pending=True, item_status=person,
+                  bridge_status=ItemStatus.IN_PROGRESS)
+    assert result == EchoPlan(None, True, ItemStatus.IN_PROGRESS)
+
+
+def test_an_older_job_comments_only_and_does_not_take_the_status() -> None:
+    result = plan(stage=JobStage.FAILED, job_last_status=ItemStatus.IN_PROGRESS,
+                  item_status=ItemStatus.DONE, bridge_status=ItemStatus.DONE, latest=False,
+                  terminal_pending=True)
+    assert result == EchoPlan(None, True, ItemStatus.DONE)
+
+
+def test_a_cancelled_item_is_never_reopened_yet_gets_the_final_comment() -> None:
+    common = {"item_status": ItemStatus.CANCELLED, "bridge_status": ItemStatus.IN_PROGRESS}
+    assert plan(stage=JobStage.REVIEW, **common) == EchoPlan(None, False,
+                                                               ItemStatus.IN_PROGRESS)
+    assert plan(stage=JobStage.SHIPPED, terminal_pending=True, **common) == EchoPlan(
+        None, True, ItemStatus.IN_PROGRESS)
+
+
+def test_an_unchanged_outcome_writes_nothing() -> None:
+    assert plan(job_last_status=ItemStatus.IN_PROGRESS, item_status=ItemStatus.IN_PROGRESS,
+                bridge_status=ItemStatus.IN_PROGRESS) == EchoPlan(
+        None, False, ItemStatus.IN_PROGRESS)
+    # a person's status that the job already reported: no second comment
+    assert plan(job_last_status=ItemStatus.IN_PROGRESS, item_status=ItemStatus.TODO,
+                bridge_status=ItemStatus.IN_PROGRESS).comment is False
+
+
+def test_a_cancelled_job_writes_its_final_comment_and_no_status() -> None:
+    result = plan(stage=JobStage.CANCELLED, terminal_pending=True,
+                  job_last_status=ItemStatus.IN_PROGRESS, item_status=ItemStatus.IN_PROGRESS,
+                  bridge_status=ItemStatus.IN_PROGRESS)
+    assert result == EchoPlan(None, True, ItemStatus.IN_PROGRESS)
+
+
+def test_the_latest_job_takes_a_status_the_item_already_shows() -> None:
+    assert plan(item_status=ItemStatus.IN_PROGRESS).bridge_status == ItemStatus.IN_PROGRESS
+    assert plan(item_status=ItemStatus.IN_PROGRESS, latest=False).bridge_status is None
+
+
+def test_a_final_comment_always_shows_the_totals() -> None:
+    cancelled = figures(stage=JobStage.CANCELLED, started_at=None, finished_at=None,
+                        cost_usd=0.0, tokens_in=0, tokens_out=0)
+    assert echo_comment(cancelled, None, NOW).splitlines() == [
+        "fleetbridge: job 42 is CANCELLED; the item's status is left as is.",
+        "- stage: CANCELLED",
+        "- attempts: 2/3",
+        "- cost: $0.0000",
+        "- tokens: 0 in / 0 out",
+    ]

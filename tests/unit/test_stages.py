@@ -13,6 +13,7 @@ from app.fleet.stages import (
     TERMINAL_STAGES,
     can_worker_move,
     is_terminal,
+    over_budget,
     retry_backoff_seconds,
     worker_moves,
 )
@@ -163,3 +164,21 @@ def test_retry_backoff_edge_settings(
     result = retry_backoff_seconds(attempts, base=base, cap=cap)
     assert result == expected
     assert isinstance(result, float)
+
+
+# -- budgets -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("cost", "budget", "over"),
+    [
+        (1.2, 1.0, True),
+        (1.0, 1.0, False),  # reaching the budget is not going over it
+        (0.1 + 0.2, 0.3, False),  # float noise in the sum is not an overrun
+        (0.300001, 0.3, True),
+        (1e9, None, False),  # no budget, no cap
+        (0.0, 0.5, False),
+    ],
+)
+def test_over_budget(cost: float, budget: float | None, over: bool) -> None:
+    assert over_budget(cost, budget) is over
