@@ -16,8 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import update
+
 from app.auth.models import Role
+from app.db import utcnow
+from app.fleet.models import Job
 from tests.conftest import error_codes
+from tests.service.test_bridge import CountingWriter
 
 ROOT = Path(__file__).resolve().parents[2]
 DEADLINE = 30.0
@@ -209,3 +214,72 @@ async def test_cancelling_the_item_kills_the_reference_workers_command(
     [job] = await jobs_of(member, item["id"])
     assert (job["stage"], job["failureReason"], job["lease"]) == (
         "CANCELLED", "item cancelled", None)
+
+
+ECHO = "mutation($id: ID!) { echoJobToItem(jobId: $id) { echoed error } }"
+
+
+async def test_follow_up_race_and_who_sets_the_status_over_http(
+    live_server, http_client, make_token
+):
+    _, member, worker = await clients(live_server, http_client, make_token, tracker_echo=True)
+    # TODO by a person during BUILDING: it stays TODO through the end, with one final note
+    item = (await member.data(CREATE, input={"title": "t"}))["createItem"]
+    await member.data(INGEST, id=item["id"])
+    job_id, fence = await claim(worker)
+    await worker.data(MOVE, id=job_id, fence=fence, to="BUILDING")
+    await member.data(UPDATE, id=item["id"], input={"status": "TODO"})
+    await worker.data(MOVE, id=job_id, fence=fence, to="REVIEW")
+    await worker.data(MOVE, id=job_id, fence=fence, to="FAILED")
+    shown = (await member.data(ITEM, id=item["id"]))["item"]
+    assert shown["status"] == "TODO"
+    assert sum("is FAILED" in c["body"] for c in shown["comments"]["nodes"]) == 1
+    assert (await member.data(ECHO, id=job_id))["echoJobToItem"] == {"echoed": None,
+                                                                      "error": None}
+
+    # the item is open and its job ended: ten concurrent ingests make one follow-up
+    answers = await asyncio.gather(*(member.data(INGEST, id=item["id"]) for _ in range(10)))
+    outcomes = sorted(a["ingestItemAsJob"]["outcome"] for a in answers)
+    assert outcomes == ["CREATED"] + ["DEDUPED"] * 9
+    assert len({a["ingestItemAsJob"]["job"]["id"] for a in answers}) == 1
+    jobs = await jobs_of(member, item["id"])
+    assert [j["idempotencyKey"] for j in jobs] == [f"tracker-{item['id']}",
+                                                   f"tracker-{item['id']}-1"]
+    assert (await member.data(ITEM, id=item["id"]))["item"]["status"] == "IN_PROGRESS"
+
+    # two jobs on one item: only the latest sets the status
+    older_id, older_fence = await claim(worker)
+    assert older_id == jobs[1]["id"]
+    newer = (await member.data(SUBMIT, input={"title": "n", "bodyMd": "n",
+                                              "trackerItemId": item["id"]}))["submitJob"]
+    newer_id, newer_fence = await claim(worker)
+    assert newer_id == newer["job"]["id"]
+    await worker.data(MOVE, id=newer_id, fence=newer_fence, to="SHIPPED")
+    await worker.data(MOVE, id=older_id, fence=older_fence, to="FAILED")
+    assert (await member.data(ITEM, id=item["id"]))["item"]["status"] == "DONE"
+
+
+async def test_flag_off_sweeper_retries_only_the_manual_echos_stage_over_http(
+    live_server, http_client, make_token
+):
+    writer = CountingWriter()
+    server, member, worker = await clients(live_server, http_client, make_token,
+                                           echo_writer=writer)
+    item = (await member.data(CREATE, input={"title": "t"}))["createItem"]
+    await member.data(INGEST, id=item["id"])
+    job_id, fence = await claim(worker)
+    await worker.data(MOVE, id=job_id, fence=fence, to="BUILDING")
+    writer.failures = 1
+    failed = (await member.data(ECHO, id=job_id))["echoJobToItem"]
+    assert failed["echoed"] is None
+    assert failed["error"]
+    await worker.data(MOVE, id=job_id, fence=fence, to="SHIPPED")
+    async with server.services.db.unit_of_work() as session:  # its backoff runs out
+        await session.execute(update(Job).where(Job.id == int(job_id)).values(
+            echo_retry_at=utcnow()))
+    loops = server.app.state.runtime.loops
+    assert await loops.sweep_echoes_once() == 1
+    assert await loops.sweep_echoes_once() == 0
+    shown = (await member.data(ITEM, id=item["id"]))["item"]
+    assert shown["status"] == "IN_PROGRESS"  # the manual echo's stage, never SHIPPED's
+    assert ["is BUILDING" in c["body"] for c in shown["comments"]["nodes"]] == [True]
