@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -44,15 +43,22 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from app.client import ClaimedJob, FleetApiError, FleetClient, JobState, RetryPolicy
+from app.client import (
+    ClaimedJob,
+    FleetApiError,
+    FleetClient,
+    JobState,
+    RetryPolicy,
+    describe,
+)
+from app.worker_command import feed_stdin, job_environment, kill, read_metrics
 from app.worker_report import Reporter
 
 T = TypeVar("T")
 
 EX_TEMPFAIL = 75
-KILL_GRACE_SECONDS = 5.0
 STOP_GRACE_SECONDS = 5.0  # how long a request in flight may finish after a stop
 RELEASE_SECONDS = 15.0  # how long a release is retried after a stop
 LEASE_LOST_CODES = frozenset({"CONFLICT", "NOT_FOUND"})
@@ -99,49 +105,6 @@ class JobOutcome:
     @property
     def stage(self) -> str | None:
         return None if self.state is None else self.state.stage
-
-
-def job_environment(job: ClaimedJob, worker_id: str, metrics_file: Path) -> dict[str, str]:
-    """The command's environment: the worker's own, minus its token, plus the job."""
-    env = {key: value for key, value in os.environ.items() if key != "FLEET_TOKEN"}
-    fields = job.fields
-
-    def text(value: Any) -> str:
-        return "" if value is None else str(value)
-
-    env.update({
-        "FLEET_JOB_ID": job.id,
-        "FLEET_JOB_TITLE": text(fields.get("title")),
-        "FLEET_JOB_KIND": text(fields.get("kind")),
-        "FLEET_JOB_PRIORITY": text(fields.get("priority")),
-        "FLEET_JOB_CAPABILITIES": ",".join(fields.get("capabilities") or ()),
-        "FLEET_JOB_ENGINE_CLASS": text(fields.get("engineClass")),
-        "FLEET_JOB_PROFILE": text(fields.get("profile")),
-        "FLEET_JOB_BUDGET": text(fields.get("budget")),
-        "FLEET_JOB_ATTEMPT": text(fields.get("attempts")),
-        "FLEET_JOB_MAX_ATTEMPTS": text(fields.get("maxAttempts")),
-        "FLEET_JOB_TRACKER_ITEM_ID": text(fields.get("trackerItemId")),
-        "FLEET_JOB_FENCE": str(job.lease.fence),
-        "FLEET_WORKER_ID": worker_id,
-        "FLEET_METRICS_FILE": str(metrics_file),
-    })
-    return env
-
-
-def read_metrics(path: Path) -> dict[str, Any] | None:
-    """The metrics the command left in FLEET_METRICS_FILE; unusable content is ignored."""
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(raw, dict):
-        return None
-    metrics: dict[str, Any] = {}
-    for key, kind in (("costUsd", float), ("tokensIn", int), ("tokensOut", int)):
-        value = raw.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-            metrics[key] = kind(value)
-    return metrics or None
 
 
 def failure_reason(exit_code: int) -> str:
@@ -267,18 +230,29 @@ class Worker:
                 retryable=exit_code == EX_TEMPFAIL, metrics=metrics,
             )
         except FleetApiError as exc:
-            if exc.code not in LEASE_LOST_CODES:
+            if exc.code in LEASE_LOST_CODES:
+                return await self._ended_by_service(job, exc, None, started)
+            if not self.stopping.is_set():
                 raise
-            return await self._ended_by_service(job, exc, None, started)
+            return self._unreported(job, exit_code, exc)
+        except Exception as exc:  # retries interrupted by a stop
+            if not self.stopping.is_set():
+                raise
+            return self._unreported(job, exit_code, exc)
         self.reporter.finished(job, exit_code, state, time.monotonic() - started)
         return JobOutcome(job.id, exit_code, state)
+
+    def _unreported(self, job: ClaimedJob, exit_code: int, exc: Exception) -> JobOutcome:
+        self.reporter.line(f"job {job.id}: exit {exit_code} could not be reported "
+                           f"({describe(exc)}); stopped, its lease will run out")
+        return JobOutcome(job.id, exit_code, None)
 
     async def _supervise(
         self, job: ClaimedJob, process: asyncio.subprocess.Process
     ) -> tuple[int, FleetApiError | None]:
         """Run until the command exits, the lease is lost or the worker is stopped;
         the command is killed in the last two cases.  (exit code, the lease-loss)."""
-        helpers = [asyncio.create_task(_feed_stdin(process, str(job.fields.get("bodyMd") or "")))]
+        helpers = [asyncio.create_task(feed_stdin(process, str(job.fields.get("bodyMd") or "")))]
         if process.stdout is not None and process.stderr is not None:
             helpers += [asyncio.create_task(self._forward(process.stdout)),
                         asyncio.create_task(self._forward(process.stderr))]
@@ -290,7 +264,7 @@ class Worker:
         finally:
             stopper.cancel()
             if not waiter.done():
-                await _kill(process)
+                await kill(process)
             if not lease.done():
                 lease.cancel()
             await asyncio.gather(lease, stopper, return_exceptions=True)
@@ -345,30 +319,6 @@ class Worker:
             return JobOutcome(job.id, exit_code, None)
         self.reporter.released(job, reason, state)
         return JobOutcome(job.id, exit_code, state, released=True)
-
-
-async def _feed_stdin(process: asyncio.subprocess.Process, body: str) -> None:
-    assert process.stdin is not None
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        process.stdin.write(body.encode())
-        await process.stdin.drain()
-    process.stdin.close()
-    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-        await process.stdin.wait_closed()
-
-
-async def _kill(process: asyncio.subprocess.Process) -> None:
-    """SIGTERM, then SIGKILL after a grace period."""
-    if process.returncode is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        process.terminate()
-    try:
-        await asyncio.wait_for(process.wait(), KILL_GRACE_SECONDS)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await process.wait()
 
 
 async def run_worker(client: FleetClient, config: WorkerConfig, reporter: Reporter) -> Worker:
