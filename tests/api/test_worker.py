@@ -42,6 +42,8 @@ with open(env['FLEET_METRICS_FILE'], 'w') as f:
 sys.exit(0 if ok else 3)
 """
 
+SUBMIT = "mutation($input: SubmitJobInput!) { submitJob(input: $input) { job { id } } }"
+
 # Sleeps (until killed) for the job named in its argument; exits 0 at once for any other.
 SLEEPS_FOR_ONE_JOB = python_command(
     "import os, sys, time\n"
@@ -210,3 +212,23 @@ async def test_a_job_cancelled_by_a_member_kills_the_command_and_says_why(
     line = next(line for line in worker.lines if "by the service" in line)
     assert "command killed (exit -15)" in line
     assert (await job_of(member, job_id))["stage"] == "CANCELLED"
+
+
+async def test_a_budget_overrun_is_reported_on_the_jobs_line(live_server, http_client,
+                                                             make_token):
+    server = await live_server()
+    member = http_client(server, await make_token("acme", Role.MEMBER))
+    submitted = await member.data(SUBMIT, input={"title": "Ship it", "bodyMd": "b",
+                                                 "budget": 1.0})
+    job_id = submitted["submitJob"]["job"]["id"]
+    code, _, err = await run_cli(
+        "worker", "--url", f"{server.url}/graphql", "--once", "--", *python_command(
+            "import json, os; json.dump({'costUsd': 1.5}, open(os.environ['FLEET_METRICS_FILE'],"
+            " 'w'))"),
+        env=cli_env(FLEET_TOKEN=await make_token("acme", Role.WORKER)), timeout=DEADLINE,
+    )
+    assert code == 0, err
+    assert f"job {job_id}: exit 0 -> FAILED (budget exceeded) in " in err
+    assert err.rstrip().endswith("cost $1.50")
+    job = await job_of(member, job_id)
+    assert (job["stage"], job["failureReason"]) == ("FAILED", "budget exceeded")
