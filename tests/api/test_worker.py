@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pty
 import signal
 import sys
 
@@ -15,7 +16,7 @@ import pytest
 from app.auth.models import Role
 from app.client import FleetClient
 from app.worker import EX_TEMPFAIL, Worker, WorkerConfig
-from tests.api.test_cli import cli_env, run_cli
+from tests.api.test_cli import ROOT, cli_env, run_cli
 from tests.api.worker_helpers import (
     CANCEL,
     DEADLINE,
@@ -232,3 +233,53 @@ async def test_a_budget_overrun_is_reported_on_the_jobs_line(live_server, http_c
     assert err.rstrip().endswith("cost $1.50")
     job = await job_of(member, job_id)
     assert (job["stage"], job["failureReason"]) == ("FAILED", "budget exceeded")
+
+
+async def test_on_a_terminal_a_live_status_and_the_commands_output_pass_through(
+    live_server, http_client, make_token
+):
+    """stderr (and stdout) on a pseudo-terminal: rich draws its status line, the job lines
+    and the command's own output are printed above it."""
+    server = await live_server()
+    member = http_client(server, await make_token("acme", Role.MEMBER))
+    _, job_id = await ingested_job(member, "the body", [])
+    controller, terminal = pty.openpty()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "worker", "--url", f"{server.url}/graphql", "--once",
+        "--", *python_command("import sys, time; print('hello from the command', flush=True);"
+                              " time.sleep(1.5); print('bye', file=sys.stderr)"),
+        cwd=ROOT, env=cli_env(FLEET_TOKEN=await make_token("acme", Role.WORKER),
+                              TERM="xterm-256color", COLUMNS="160"),
+        stdin=terminal, stdout=terminal, stderr=terminal,
+    )
+    os.close(terminal)
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+
+    def read_all() -> None:
+        while True:
+            try:
+                data = os.read(controller, 65536)
+            except OSError:  # EIO: every end of the terminal is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    try:
+        reader = loop.run_in_executor(None, read_all)
+        assert await asyncio.wait_for(process.wait(), DEADLINE) == 0
+        await asyncio.wait_for(reader, DEADLINE)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        os.close(controller)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "\x1b[" in shown  # drawn, not plain lines
+    assert f"job {job_id}: BUILDING" in shown
+    assert "hello from the command" in shown
+    assert "bye" in shown
+    assert f"job {job_id}: exit 0 -> SHIPPED" in shown
+    assert "Traceback" not in shown
+    assert (await job_of(member, job_id))["stage"] == "SHIPPED"
