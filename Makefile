@@ -24,7 +24,7 @@ test: install lint typecheck
 	$(BIN)/pytest -q
 
 lint:
-	$(BIN)/ruff check app tests bench scripts migrations
+	$(BIN)/ruff check app tests bench scripts
 
 typecheck:
 	$(BIN)/mypy

@@ -1,32 +1,93 @@
-"""The `fleetbridge` command line."""
+"""The `fleetbridge` command line.
+
+Settings come from the environment and `.env` (app.config); an invalid one stops
+the command with one line naming the variable and what it accepts, exit code 2.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from importlib import metadata
+from pathlib import Path
 
 import typer
+from dotenv import load_dotenv
+from pydantic import ValidationError
 
-from app.auth.models import Role
+from app.cli_tokens import token_cli, use_settings
 from app.config import Settings, get_settings
 
 cli = typer.Typer(help="fleetbridge: an issue tracker joined to a fleet of coding agents.",
-                  no_args_is_help=True)
-token_cli = typer.Typer(help="Manage bearer tokens.", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
 cli.add_typer(token_cli, name="token")
 
 
 def _settings() -> Settings:
-    return get_settings()
+    from app.config_errors import explain
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        typer.echo(f"error: invalid configuration\n{explain(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+use_settings(_settings)
+
+
+def version() -> str:
+    try:
+        return metadata.version("fleetbridge")
+    except metadata.PackageNotFoundError:  # running from a checkout without install
+        return "0+unknown"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"fleetbridge {version()}")
+        raise typer.Exit()
+
+
+@cli.callback()
+def _root(
+    _version: bool = typer.Option(False, "--version", callback=_show_version, is_eager=True,
+                                  help="Print the version and exit."),
+) -> None:
+    """fleetbridge: an issue tracker joined to a fleet of coding agents."""
+
+
+def _configure_logging(level: str) -> None:
+    from app.redact import install
+
+    logging.basicConfig(level=level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+def _database_error(exc: Exception, database_url: str) -> typer.Exit:
+    from app.redact import mask_url, redact
+
+    detail = redact(str(getattr(exc, "orig", None) or exc).splitlines()[0])
+    typer.echo(f"error: cannot use the database {mask_url(database_url)}: {detail}", err=True)
+    return typer.Exit(2)
 
 
 @cli.command()
 def migrate() -> None:
     """Migrate the database at DATABASE_URL to the newest schema."""
-    from app.migrate import upgrade
+    from sqlalchemy.exc import SQLAlchemyError
 
-    upgrade(_settings().database_url)
-    typer.echo("database is up to date", err=True)
+    from app.migrate import upgrade
+    from app.redact import mask_url
+
+    settings = _settings()
+    _configure_logging(settings.log_level)
+    try:
+        upgrade(settings.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise _database_error(exc, settings.database_url) from None
+    typer.echo(f"database {mask_url(settings.database_url)} is up to date", err=True)
 
 
 @cli.command()
@@ -36,50 +97,28 @@ def serve(
 ) -> None:
     """Serve the GraphQL API with uvicorn.  An empty database is migrated first."""
     import uvicorn
+    from sqlalchemy.exc import SQLAlchemyError
 
     from app.main import create_app
     from app.migrate import is_empty, upgrade
+    from app.redact import install, mask_url
 
     settings = _settings()
-    if is_empty(settings.database_url):
-        upgrade(settings.database_url)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(
-        create_app(settings),
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=settings.log_level,
-        ws="websockets-sansio",
-    )
-
-
-@token_cli.command("create")
-def token_create(
-    product: str = typer.Option(..., help="Product id; created if new."),
-    role: Role = typer.Option(..., help="member, worker or admin."),
-    name: str | None = typer.Option(None, help="A name for the token (comment author)."),
-) -> None:
-    """Create a token and print it, alone, on stdout (it is not stored in clear)."""
-    from app.auth.service import create_token
-    from app.db import create_engine
-    from app.errors import FleetError
-    from app.uow import Database
-
-    async def run() -> str:
-        db = Database(create_engine(_settings().database_url))
-        try:
-            async with db.unit_of_work() as session:
-                return await create_token(session, product_id=product, role=role, name=name)
-        finally:
-            await db.dispose()
-
+    _configure_logging(settings.log_level)
     try:
-        secret = asyncio.run(run())
-    except FleetError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(2) from exc
-    typer.echo(secret)
+        if is_empty(settings.database_url):
+            upgrade(settings.database_url)
+    except (SQLAlchemyError, OSError) as exc:
+        raise _database_error(exc, settings.database_url) from None
+    host, port = host or settings.host, port or settings.port
+    config = uvicorn.Config(create_app(settings), host=host, port=port,
+                            log_level=settings.log_level, ws="websockets-sansio")
+    install("uvicorn", "uvicorn.error", "uvicorn.access")  # uvicorn set up its handlers
+    logging.getLogger("app.cli").info(
+        "fleetbridge %s on %s: GraphQL at http://%s:%d/graphql, metrics at /metrics",
+        version(), mask_url(settings.database_url), host, port,
+    )
+    uvicorn.Server(config).run()
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -184,6 +223,9 @@ def watch(
 
 
 def main() -> None:
+    dotenv = Path.cwd() / ".env"
+    if dotenv.is_file():  # also for options read from the environment (FLEET_TOKEN, …)
+        load_dotenv(dotenv, override=False)
     cli()
 
 

@@ -2,7 +2,8 @@
 
 `DATABASE_URL` is read without a prefix (it is the conventional name); everything
 else is `FLEET_*`.  Every default runs: out of the box the service uses a SQLite
-file in the working directory.
+file in the working directory.  A `.env` file in the working directory is read too
+(the environment wins over it).  Invalid values are explained by app.config_errors.
 """
 
 from __future__ import annotations
@@ -12,12 +13,23 @@ from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///./fleetbridge.db"
+# The async drivers the service runs on, by what a URL may name.
+DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+aiosqlite": "sqlite+aiosqlite",
+           "postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg",
+           "postgresql+asyncpg": "postgresql+asyncpg"}
+DATABASE_URL_HELP = ("a URL such as sqlite+aiosqlite:///./fleetbridge.db or "
+                     "postgresql+asyncpg://user:password@host:5432/fleetbridge")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FLEET_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FLEET_", extra="ignore", frozen=True, env_file=".env",
+        env_file_encoding="utf-8",
+    )
 
     database_url: str = Field(
         default=DEFAULT_DATABASE_URL,
@@ -56,6 +68,12 @@ class Settings(BaseSettings):
     # live subscribers, in case a NOTIFY was lost (app.events.pg_hub).
     hub_poll_seconds: float = Field(default=1.0, gt=0)
 
+    # Tokens (app.auth.guard): how long a PostgreSQL instance may reuse a token check
+    # (revokes invalidate it at once; 0 disables), and how often the tokens of open
+    # websockets are re-checked (expiry; revokes made while a notification was lost).
+    token_cache_seconds: float = Field(default=5.0, ge=0, le=300)
+    token_check_seconds: float = Field(default=1.0, gt=0, le=60)
+
     # HTTP server.
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65_535)
@@ -71,6 +89,28 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip().rstrip("/") for part in value.split(",") if part.strip())
         return value
+
+    @field_validator("database_url", mode="before")
+    @classmethod
+    def _known_driver(cls, value: object) -> object:
+        """`postgresql://` / `postgres://` / `sqlite://` get the async driver."""
+        if not isinstance(value, str):
+            return value
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(DATABASE_URL_HELP) from None
+        driver = DRIVERS.get(url.drivername)
+        if driver is None:
+            raise ValueError(DATABASE_URL_HELP)
+        if driver == url.drivername:
+            return value
+        return url.set(drivername=driver).render_as_string(hide_password=False)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @property
     def is_sqlite(self) -> bool:

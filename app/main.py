@@ -19,6 +19,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 
+from app.auth.guard import TokenGuard
+from app.auth.repository import TOKEN_CHANNEL
 from app.background import BackgroundLoops
 from app.bridge.service import BridgeService, ItemEchoWriter, write_status_and_comment
 from app.config import Settings, get_settings
@@ -46,11 +48,13 @@ class Runtime:
 
     async def start(self, *, background: bool) -> None:
         await self.services.hub.start()
+        await self.services.tokens.start()
         if background:
             self.loops.start()
 
     async def stop(self) -> None:
         await self.loops.stop()
+        await self.services.tokens.stop()
         await self.services.hub.stop()
         await self.services.db.dispose()
 
@@ -65,10 +69,17 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     hub: LocalHub
     if engine.dialect.name == "postgresql":
         # Many instances may share this database: wake each other with LISTEN/NOTIFY.
-        hub = PostgresHub(db, settings.database_url, max_queue=settings.subscriber_queue_size,
-                          poll_seconds=settings.hub_poll_seconds)
+        pg_hub = PostgresHub(db, settings.database_url, max_queue=settings.subscriber_queue_size,
+                             poll_seconds=settings.hub_poll_seconds)
+        # Token checks are cached only while revoke notifications can arrive.
+        tokens = TokenGuard(db, cache_seconds=settings.token_cache_seconds,
+                            check_seconds=settings.token_check_seconds,
+                            live=lambda: pg_hub.listener_pid)
+        pg_hub.listen(TOKEN_CHANNEL, tokens.on_notification)
+        hub = pg_hub
     else:
         hub = LocalHub(max_queue=settings.subscriber_queue_size)
+        tokens = TokenGuard(db, check_seconds=settings.token_check_seconds)
     fleet = FleetService(
         FleetPolicy(
             lease_seconds=settings.lease_seconds,
@@ -93,7 +104,7 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     db.on_commit = on_commit
     services = Services(
         settings=settings, db=db, hub=hub, fleet=fleet, bridge=bridge,
-        streams=EventStreams(db, hub),
+        streams=EventStreams(db, hub), tokens=tokens,
     )
     return Runtime(services=services, loops=BackgroundLoops(settings, db, fleet, bridge),
                    metrics=metrics)

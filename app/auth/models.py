@@ -26,6 +26,13 @@ class Product(Base):
 
 
 class Token(Base):
+    """A bearer token (DESIGN §1): only the sha256 of the secret is stored.
+
+    Active while `revoked_at` is null and `expires_at` (if any) is in the future.
+    `last_used_at` is written at most once a minute per token and instance
+    (app.auth.guard), so it is approximate by up to that much.
+    """
+
     __tablename__ = "tokens"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -36,3 +43,6 @@ class Token(Base):
     name: Mapped[str] = mapped_column(String(100))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, nullable=False)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)

@@ -97,6 +97,8 @@ class PostgresHub(LocalHub):
         self._tasks: list[asyncio.Task[None]] = []
         self._connection: asyncpg.Connection | None = None
         self._connection_lost: asyncio.Event | None = None
+        # Other channels heard on the same connection (see `listen`).
+        self._channels: dict[str, Callable[[str], None]] = {}
         # Observable counters (logs, tests): listening connections opened, wake-ups
         # received, poll passes that found missing events.
         self.connections_opened = 0
@@ -130,6 +132,12 @@ class PostgresHub(LocalHub):
         if connection is None or connection.is_closed():
             return None
         return int(connection.get_server_pid())
+
+    def listen(self, channel: str, callback: Callable[[str], None]) -> None:
+        """Also LISTEN on `channel` over the hub's connection; `callback(payload)` runs
+        in the event loop for each notification.  Call before `start()`.  (Token
+        revokes use it: app.auth.guard.)"""
+        self._channels[channel] = callback
 
     # -- publishing ------------------------------------------------------------
 
@@ -191,6 +199,8 @@ class PostgresHub(LocalHub):
         connection = await asyncpg.connect(self.dsn, timeout=CONNECT_TIMEOUT_SECONDS)
         try:
             await connection.add_listener(CHANNEL, self._on_notification)
+            for channel, callback in self._channels.items():
+                await connection.add_listener(channel, _payload_to(callback))
         except BaseException:
             await connection.close(timeout=1)
             raise
@@ -312,3 +322,10 @@ class PostgresHub(LocalHub):
             self.deliver(records)
             if len(records) < CATCH_UP_BATCH:
                 return
+
+
+def _payload_to(callback: Callable[[str], None]) -> Callable[[object, int, str, str], None]:
+    def on_notification(_connection: object, _pid: int, _channel: str, payload: str) -> None:
+        callback(payload)
+
+    return on_notification

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.websockets import WebSocket
 from strawberry.dataloader import DataLoader
 
+from app.auth.guard import TokenGuard
 from app.auth.service import Permission, Principal, require
 from app.bridge.service import BridgeService
 from app.config import Settings
@@ -34,6 +35,7 @@ class Services:
     fleet: FleetService
     bridge: BridgeService
     streams: EventStreams
+    tokens: TokenGuard
 
 
 # (item id, page size, cursor) of one item's page of comments or of jobs.

@@ -14,13 +14,14 @@ from typing import Any
 from cross_web import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.types.unset import UnsetType
 
-from app.auth.service import Principal, authenticate, parse_bearer
+from app.auth.service import Principal, parse_bearer
 from app.errors import StoreUnavailableError
 from app.graphql.context import Context, Services
 from app.web import GRAPHIQL_HTML, html_page
@@ -82,14 +83,23 @@ class FleetGraphQL(GraphQL[Context, None]):
         if principal is None:
             raise ConnectionRejectionError({"message": "a valid bearer token is required"})
         context.principal = principal
+        if isinstance(context.request, WebSocket):  # closed (4403) when the token is revoked
+            context.services.tokens.track(context.request, principal)
         return {"productId": principal.product_id, "role": principal.role.value}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if scope["type"] == "websocket":  # the connection is over: stop tracking it
+                services: Services = scope["app"].state.services
+                services.tokens.forget(scope)
 
     @staticmethod
     async def _authenticate(services: Services, secret: str | None) -> Principal | None:
         if secret is None:
             return None
-        async with services.db.read() as session:
-            return await authenticate(session, secret)
+        return await services.tokens.authenticate(secret)
 
     def parse_json(self, data: str | bytes) -> Any:
         """A GraphQL request body (and its `variables`) is a JSON object, or a list for a
