@@ -143,7 +143,8 @@ async def test_last_use_is_recorded_without_a_write_per_request(
     await server.services.tokens.check_open_sockets()
     await server.stop()  # flushes what is pending
     again = (await _tokens_table(database_url))[token_id].last_used_at
-    assert again is not None and first is not None
+    assert again is not None
+    assert first is not None
     assert again < first
 
 
@@ -166,10 +167,12 @@ async def test_token_list_shows_the_lifecycle_and_never_the_secret(database_url)
     assert rows[0]["expires"] == "-"
     code, out, _ = await run_cli("token", "list", "--all", "--json", env=env)
     everything = [json.loads(line) for line in out.splitlines()]
-    assert [(r["name"], r["state"]) for r in everything][0] == ("ci", "revoked")
+    assert next((r["name"], r["state"]) for r in everything) == ("ci", "revoked")
     assert everything[0]["expires"] != "-"
     code, table, _ = await run_cli("token", "list", env=env)
     assert code == 0
-    assert "last used" in table and "ci" in table
+    assert "last used" in table
+    assert "ci" in table
     for text in (out, table):
-        assert secret.strip() not in text and replacement.strip() not in text
+        assert secret.strip() not in text
+        assert replacement.strip() not in text
