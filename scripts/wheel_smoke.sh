@@ -46,7 +46,7 @@ import os, sys, time
 import httpx
 
 url, token, pid = os.environ["FLEET_SMOKE_URL"], os.environ["FLEET_SMOKE_TOKEN"], int(os.environ["FLEET_SMOKE_PID"])
-deadline = time.monotonic() + 30
+deadline = time.monotonic() + 90  # a first start compiles every module
 with httpx.Client(base_url=url, timeout=5) as http:
     while True:
         try:
@@ -60,7 +60,7 @@ with httpx.Client(base_url=url, timeout=5) as http:
         except httpx.TransportError:
             pass
         if time.monotonic() > deadline:
-            sys.exit("no /readyz in 30 s")
+            sys.exit("no /readyz in 90 s")
         time.sleep(0.1)
     auth = {"Authorization": f"Bearer {token}"}
     created = http.post("/graphql", headers=auth, json={
