@@ -122,7 +122,11 @@ class JobStream:
 
     @classmethod
     async def open(cls, instance: Instance, token: str, after: str | None = None) -> JobStream:
-        connection = await connect(instance.ws_url, subprotocols=["graphql-transport-ws"])
+        # No client keepalive pings: under a loaded machine a late pong would end the test
+        # for a reason it does not test (delivery, not keepalive).
+        connection = await connect(
+            instance.ws_url, subprotocols=["graphql-transport-ws"], ping_interval=None
+        )
         stream = cls(connection)
         await stream._send({"type": "connection_init",
                             "payload": {"authorization": f"Bearer {token}"}})
