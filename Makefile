@@ -40,4 +40,4 @@ bench: install
 	$(BIN)/python bench/bench_claim.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache fleetbridge.db*
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache fleetbridge.db* build dist *.egg-info

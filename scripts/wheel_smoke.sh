@@ -19,7 +19,8 @@ trap cleanup EXIT
 fail() { echo "wheel smoke: $*" >&2; [[ -f "$WORK/serve.log" ]] && tail -n 40 "$WORK/serve.log" >&2; exit 1; }
 
 echo "wheel smoke: building the wheel" >&2
-"$BIN/uv" build --wheel --out-dir "$WORK/dist" . >"$WORK/build.log" 2>&1 \
+# sdist first, then the wheel from it: a stale build/ in the checkout cannot leak in
+"$BIN/uv" build --out-dir "$WORK/dist" . >"$WORK/build.log" 2>&1 \
   || { cat "$WORK/build.log" >&2; fail "the wheel did not build"; }
 if grep -E "Warning|!!" "$WORK/build.log" >&2; then fail "the build printed a warning"; fi
 WHEEL=$(ls "$WORK"/dist/fleetbridge-*.whl)
@@ -70,7 +71,7 @@ with httpx.Client(base_url=url, timeout=5) as http:
         "query": "query($id: ID!) { item(id: $id) { title } viewer { productId role } }",
         "variables": {"id": item["id"]}}).json()
     assert read["data"] == {"item": {"title": "smoke"},
-                            "viewer": {"productId": "smoke", "role": "admin"}}, read
+                            "viewer": {"productId": "smoke", "role": "ADMIN"}}, read
     print(f"wheel smoke: /readyz {ready.json()['status']}, item {item['id']} written and read back",
           file=sys.stderr)
 PY
