@@ -36,8 +36,10 @@ schema: install
 web:
 	cd web && npm ci --no-audit --no-fund && npm run build
 
+## The benchmark harness (bench/run.py; `make bench ARGS=--quick` for the short run).
 bench: install
-	$(BIN)/python bench/bench_claim.py
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/python bench/run.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache fleetbridge.db* build dist *.egg-info

@@ -1,0 +1,166 @@
+"""GraphQL requests against one served process (`fleetbridge serve`), side by side
+(bench/run.py): `{ __typename }` anonymous and with a token, `{ viewer { role } }`,
+and the worker's claimNextJob + transitionJob(BUILDING) + transitionJob(SHIPPED).
+
+The server's CPU per request is its process's user + system CPU time (/proc) over the
+stretch divided by the requests; the client runs `concurrency` requests at a time over
+keep-alive HTTP/1.1.  Returns a dict per request kind: requests/s, server CPU ms per
+request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from bench_claim import PRODUCT, job_rows
+from harness import Clock
+from sqlalchemy import insert
+
+from app.auth.models import Role
+from app.auth.service import create_token
+from app.db import create_engine
+from app.fleet.models import Job
+from app.uow import Database
+
+ROOT = Path(__file__).resolve().parent.parent
+CLAIM = """mutation($w: WorkerInput!) { claimNextJob(worker: $w) {
+  job { id stage } lease { fence } } }"""
+MOVE = """mutation($id: ID!, $fence: Int!, $to: JobStage!) {
+  transitionJob(jobId: $id, fence: $fence, to: $to) { id stage } }"""
+WORKER = {"workerId": "served", "capabilities": ["os:linux", "os:mac", "gpu"],
+          "engineClasses": ["agentic-coder"]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def prepare(url: str, jobs: int) -> str:
+    """A worker token and `jobs` QUEUED jobs in the (migrated) database; the token."""
+    db = Database(create_engine(url))
+    try:
+        async with db.unit_of_work() as session:
+            secret = await create_token(session, product_id=PRODUCT, role=Role.WORKER)
+        rows = job_rows(jobs, datetime.now(UTC), random.Random(jobs), PRODUCT)
+        async with db.unit_of_work() as session:
+            await session.execute(insert(Job), rows)
+        return secret
+    finally:
+        await db.dispose()
+
+
+@contextlib.contextmanager
+def serving(url: str) -> Iterator[tuple[int, str]]:
+    """`fleetbridge serve` on a free port; yields (pid, base URL) once /healthz answers."""
+    port = free_port()
+    env = {**os.environ, "FLEET_DATABASE_URL": url, "FLEET_LOG_LEVEL": "warning",
+           "FLEET_BACKGROUND_LOOPS": "false", "FLEET_GRAPHIQL": "false"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve",
+         "--port", str(port)], cwd=ROOT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the served process did not come up")
+            time.sleep(0.2)
+        yield process.pid, base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def _measure(pid: int, count: int, concurrency: int,
+                   one: Callable[[int], Awaitable[int]]) -> dict[str, float]:
+    """Run `one(n)` for n < count, `concurrency` at a time; `one` returns how many
+    requests it made."""
+    made = 0
+    queue = iter(range(count))
+
+    async def lane() -> None:
+        nonlocal made
+        for n in queue:
+            made += await one(n)
+
+    clock = Clock(cpu_of=pid).start()
+    await asyncio.gather(*(lane() for _ in range(concurrency)))
+    span = clock.stop()
+    rate, cpu_ms = span.per(made)
+    return {"requests": made, "per_s": rate, "server_cpu_ms": cpu_ms}
+
+
+async def requests_bench(url: str, *, requests: int, concurrency: int) -> dict[str, Any]:
+    """Each request kind `requests` times (the cycle: requests // 3 jobs, three
+    mutations each) on one served process."""
+    cycles = max(1, requests // 3)
+    token = await prepare(url, cycles)
+    results: dict[str, Any] = {}
+    with serving(url) as (pid, base):
+        limits = httpx.Limits(max_connections=concurrency)
+        async with httpx.AsyncClient(base_url=base, limits=limits, timeout=60) as client:
+
+            async def post(query: str, variables: dict[str, Any] | None = None,
+                           auth: bool = True) -> dict[str, Any]:
+                headers = {"authorization": f"Bearer {token}"} if auth else {}
+                response = await client.post("/graphql", headers=headers, json={
+                    "query": query, "variables": variables or {}})
+                body: dict[str, Any] = response.json()
+                if response.status_code != 200 or body.get("errors"):
+                    raise RuntimeError(f"{response.status_code}: {body}")
+                return body["data"]
+
+            async def typename_anon(_: int) -> int:
+                await post("{ __typename }", auth=False)
+                return 1
+
+            async def typename_token(_: int) -> int:
+                await post("{ __typename }")
+                return 1
+
+            async def viewer(_: int) -> int:
+                data = await post("{ viewer { role } }")
+                assert data["viewer"]["role"] == "WORKER"
+                return 1
+
+            async def cycle(_: int) -> int:
+                claim = (await post(CLAIM, {"w": WORKER}))["claimNextJob"]
+                job_id, fence = claim["job"]["id"], claim["lease"]["fence"]
+                for stage in ("BUILDING", "SHIPPED"):
+                    await post(MOVE, {"id": job_id, "fence": fence, "to": stage})
+                return 3
+
+            for warm in (typename_anon, viewer):  # connections, caches, imports
+                await _measure(pid, 20, concurrency, warm)
+            kinds: list[tuple[str, Callable[[int], Awaitable[int]], int]] = [
+                ("typename_anonymous", typename_anon, requests),
+                ("typename_token", typename_token, requests),
+                ("viewer_role", viewer, requests),
+                ("claim_transition", cycle, cycles),
+            ]
+            for name, one, count in kinds:
+                results[name] = await _measure(pid, count, concurrency, one)
+    return results
