@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     aging_seconds: int = Field(default=600, ge=1)
     retry_backoff_seconds: float = Field(default=30.0, ge=0)
     retry_backoff_max_seconds: float = Field(default=3_600.0, ge=0)
+    # The random fraction of each retry backoff: 0.5 is "equal jitter" (a delay in
+    # [½·backoff, backoff]), 1 full jitter, 0 none.
+    retry_backoff_jitter: float = Field(default=0.5, ge=0, le=1)
 
     # Background loops (lease reaper, echo sweeper, event retention).
     reaper_interval_seconds: float = Field(default=5.0, gt=0)

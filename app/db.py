@@ -18,10 +18,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, MetaData, String, bindparam, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    MetaData,
+    String,
+    bindparam,
+    event,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, QueryableAttribute
 from sqlalchemy.sql.elements import ColumnElement
@@ -69,7 +79,19 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 def utcnow() -> datetime:
+    """The process clock (UTC).  Leases and backoff use `database_now` instead."""
     return datetime.now(UTC)
+
+
+async def database_now(session: AsyncSession) -> datetime:
+    """The one clock all instances share (DESIGN §8): PostgreSQL's `clock_timestamp()`
+    (aware UTC), so an instance whose own clock is off neither reaps a live lease nor
+    hides a requeued job from the others.  SQLite serves one machine: there the
+    process clock is that clock.  One round trip on PostgreSQL."""
+    if session.get_bind().dialect.name == "postgresql":
+        value = (await session.execute(select(func.clock_timestamp()))).scalar_one()
+        return value.astimezone(UTC) if isinstance(value, datetime) else utcnow()
+    return utcnow()
 
 
 def create_engine(

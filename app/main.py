@@ -86,6 +86,7 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
             aging_seconds=settings.aging_seconds,
             retry_backoff_seconds=settings.retry_backoff_seconds,
             retry_backoff_max_seconds=settings.retry_backoff_max_seconds,
+            retry_backoff_jitter=settings.retry_backoff_jitter,
         )
     )
     bridge = BridgeService(

@@ -7,6 +7,7 @@ Every check happens before the first write, so a refused call changes nothing.
 from __future__ import annotations
 
 import enum
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,7 +16,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import utcnow
+from app.db import database_now
 from app.errors import BadUserInputError, ConflictError, NotFoundError
 from app.events.models import EventType
 from app.events.outbox import record_event
@@ -27,6 +28,7 @@ from app.fleet.stages import (
     BUDGET_EXCEEDED_REASON,
     can_worker_move,
     is_terminal,
+    jittered,
     over_budget,
     retry_backoff_seconds,
 )
@@ -50,6 +52,8 @@ class FleetPolicy:
     aging_seconds: int = 600
     retry_backoff_seconds: float = 30.0
     retry_backoff_max_seconds: float = 3_600.0
+    # The random fraction of each backoff (0 none, 0.5 equal jitter, 1 full jitter).
+    retry_backoff_jitter: float = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,7 @@ class FleetService:
     ) -> None:
         self.policy = policy
         self.candidates = candidates
+        self._random = random.Random()
 
     # -- reads ---------------------------------------------------------------
 
@@ -166,7 +171,7 @@ class FleetService:
             if item.status == ItemStatus.CANCELLED:
                 raise ConflictError(f"item {item.id} is CANCELLED; it takes no new jobs")
 
-        now = self._now()
+        now = await self._clock(session)
         job = Job(
             product_id=product_id, title=spec.title, body_md=spec.body_md, kind=spec.kind,
             stage=JobStage.QUEUED, priority=spec.priority, capabilities=list(spec.capabilities),
@@ -204,7 +209,7 @@ class FleetService:
         now: datetime | None = None,
     ) -> Job | None:
         """Give `worker` the job the scheduler picks, under a new lease; None if none."""
-        now = now or self._now()
+        now = now or await self._clock(session)
         heads = await self.candidates(session, product_id, worker, now)
         chosen = select_job(
             (repository.to_candidate(job) for job in heads), worker, now,
@@ -228,7 +233,7 @@ class FleetService:
         self, session: AsyncSession, product_id: str, job_id: int, fence: int,
         *, lease_seconds: int | None = None,
     ) -> Job:
-        now = self._now()
+        now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
         job.updated_at = now
@@ -254,7 +259,7 @@ class FleetService:
         with it.  CONFLICT for a stale fence, an expired lease or a move outside the
         graph (DESIGN §2, §4).
         """
-        now = self._now()
+        now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         if not can_worker_move(job.stage, to):
             raise ConflictError(f"a job may not move from {job.stage.value} to {to.value}")
@@ -291,7 +296,7 @@ class FleetService:
         unchanged, so its aging goes on).  `reason` is kept in `failureReason`.  One stage-change
         event, as for any other.  Raises NotFoundError (not in the product) and
         ConflictError (no lease, stale fence, expired lease).  Issue 10 item 3."""
-        now = self._now()
+        now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         source = job.stage
         job.stage = JobStage.QUEUED
@@ -313,7 +318,7 @@ class FleetService:
         job = await self._locked_job(session, product_id, job_id)
         if is_terminal(job.stage):
             raise ConflictError(f"job {job_id} has already ended ({job.stage.value})")
-        await self._cancel(session, job, reason, self._now())
+        await self._cancel(session, job, reason, await self._clock(session))
         return job
 
     async def cancel_jobs_of_item(
@@ -323,7 +328,7 @@ class FleetService:
         """Cancel every job of tracker item `item_id` that has not ended (oldest
         first), each as `cancel_job` does: fence raised, one event per job.  Returns
         the jobs cancelled (DESIGN §4, "Tracker → fleet")."""
-        now = self._now()
+        now = await self._clock(session)
         jobs = list(await repository.open_jobs_of_item(session, product_id, item_id))
         for job in jobs:
             await self._cancel(session, job, reason, now)
@@ -342,7 +347,7 @@ class FleetService:
                 raise ConflictError(f"item {item.id} is CANCELLED; its jobs cannot be retried")
         source = job.stage
         job.echoed_stage = None  # the retried run ends again: its end is echoed anew
-        now = self._now()
+        now = await self._clock(session)
         job.stage = JobStage.QUEUED
         job.attempts = 0
         job.failure_reason = None
@@ -357,7 +362,7 @@ class FleetService:
 
     async def reap_expired_leases(self, session: AsyncSession, *, limit: int = 100) -> ReapResult:
         """Requeue (with backoff and a higher fence) or fail every job whose lease ran out."""
-        now = self._now()
+        now = await self._clock(session)
         requeued: list[int] = []
         failed: list[int] = []
         for job in await repository.expired_leases(session, now, limit):
@@ -375,8 +380,11 @@ class FleetService:
     # -- helpers -------------------------------------------------------------
 
     @staticmethod
-    def _now() -> datetime:
-        return utcnow()
+    async def _clock(session: AsyncSession) -> datetime:
+        """Now, by the one clock every instance shares (`app.db.database_now`): lease
+        expiry, heartbeats, backoff (`notBefore`), aging and the reaper all use it
+        (DESIGN §8).  Read once per call, so one unit of work sees one instant."""
+        return await database_now(session)
 
     async def _locked_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
         job = await repository.get_job(session, product_id, job_id, for_update=True)
@@ -407,9 +415,12 @@ class FleetService:
         await self._record_stage(session, job, source)
 
     def _requeue(self, job: Job, now: datetime) -> None:
-        delay = retry_backoff_seconds(
-            job.attempts, base=self.policy.retry_backoff_seconds,
-            cap=self.policy.retry_backoff_max_seconds,
+        delay = jittered(
+            retry_backoff_seconds(
+                job.attempts, base=self.policy.retry_backoff_seconds,
+                cap=self.policy.retry_backoff_max_seconds,
+            ),
+            self.policy.retry_backoff_jitter, self._random.random(),
         )
         job.stage = JobStage.QUEUED
         job.lease_fence += 1

@@ -47,6 +47,22 @@ def is_terminal(stage: JobStage) -> bool:
     return stage in TERMINAL_STAGES
 
 
+def jittered(delay: float, jitter: float, draw: float) -> float:
+    """`delay` (seconds) with its last `jitter` fraction drawn at random.
+
+    `draw` is uniform in [0, 1) (`random.random()`); the result is in
+    `[delay·(1 - jitter), delay]`: `jitter` 0 keeps `delay`, 0.5 is "equal jitter",
+    1 is "full jitter".  Jobs that failed together then come back spread out, not
+    all at the same instant (issue 11).  Raises ValueError for a fraction outside
+    [0, 1] or a draw outside [0, 1).
+    """
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be within [0, 1], not {jitter}")
+    if not 0.0 <= draw < 1.0:
+        raise ValueError(f"draw must be within [0, 1), not {draw}")
+    return delay * (1.0 - jitter) + delay * jitter * draw
+
+
 def retry_backoff_seconds(attempts: int, *, base: float, cap: float) -> float:
     """Exponential backoff before attempt `attempts + 1`: base, 2·base, 4·base … ≤ cap."""
     if attempts <= 0:

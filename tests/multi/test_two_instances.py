@@ -56,7 +56,8 @@ subscription($after: String) { jobStageChanged(after: $after) { cursor jobId fro
 class Instance:
     """One `python -m app.cli serve` process."""
 
-    def __init__(self, name: str, database_url: str, log_dir: Path) -> None:
+    def __init__(self, name: str, database_url: str, log_dir: Path,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -70,6 +71,7 @@ class Instance:
             "FLEET_ECHO_SWEEP_INTERVAL_SECONDS": "0.5",
             "FLEET_HUB_POLL_SECONDS": "0.5",
             "FLEET_LOG_LEVEL": "warning",
+            **(extra_env or {}),
         }
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(

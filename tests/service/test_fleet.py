@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import text, update
 
 from app.auth.models import Role
-from app.db import utcnow
+from app.db import database_now, utcnow
 from app.errors import ConflictError, NotFoundError
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
@@ -281,7 +281,8 @@ async def test_retryable_failure_requeues_with_backoff_and_a_higher_fence(
     assert stored.lease_fence == leased.lease_fence + 1
     assert (stored.lease_worker_id, stored.lease_expires_at) == (None, None)
     assert stored.not_before is not None
-    assert failed_at + timedelta(seconds=30) <= stored.not_before
+    # equal jitter (the default): somewhere in [½·backoff, backoff]
+    assert failed_at + timedelta(seconds=15) <= stored.not_before
     assert stored.not_before <= utcnow() + timedelta(seconds=30)
     assert stored.failure_reason == "flaky network"
 
@@ -413,3 +414,27 @@ async def test_another_product_cannot_see_or_touch_our_jobs(runtime: Runtime) ->
     assert taken is not None
     assert taken.id == theirs.id
     assert await claim(runtime, foreign_worker, product=OTHER_PRODUCT) is None
+
+
+async def test_jobs_failing_together_come_back_spread_out(
+    make_runtime: Any, make_token: Any
+) -> None:
+    """Jittered backoff (issue 11): 40 jobs failed at once do not all retry at +2.000 s."""
+    await make_token(PRODUCT, Role.MEMBER)
+    rt: Runtime = await make_runtime(retry_backoff_seconds=2.0)
+    for n in range(40):
+        await submit(rt, title=f"job {n}")
+    held = [job for job in [await claim(rt) for _ in range(40)] if job is not None]
+    assert len(held) == 40
+    delays = []
+    for job in held:
+        async with rt.services.db.unit_of_work() as session:
+            failed_at = await database_now(session)
+            requeued = await rt.services.fleet.transition_job(
+                session, PRODUCT, job.id, job.lease_fence, JobStage.FAILED, retryable=True
+            )
+            assert requeued.not_before is not None
+            delays.append((requeued.not_before - failed_at).total_seconds())
+    assert all(0.9 <= delay <= 2.1 for delay in delays), delays
+    assert len({round(delay, 3) for delay in delays}) > 30
+    assert max(delays) - min(delays) > 0.5

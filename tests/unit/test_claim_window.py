@@ -214,7 +214,7 @@ async def test_an_old_low_job_beats_a_fresh_urgent_one_on_the_claim_path(
 ) -> None:
     services = (await make_runtime(
         aging_seconds=AGING_SECONDS, retry_backoff_seconds=BACKOFF_SECONDS,
-        retry_backoff_max_seconds=BACKOFF_SECONDS,
+        retry_backoff_max_seconds=BACKOFF_SECONDS, retry_backoff_jitter=0.0,
     )).services
     await make_token(PRODUCT, Role.MEMBER)
     low, urgent = await submit_all(services, [

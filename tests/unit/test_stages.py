@@ -13,6 +13,7 @@ from app.fleet.stages import (
     TERMINAL_STAGES,
     can_worker_move,
     is_terminal,
+    jittered,
     over_budget,
     retry_backoff_seconds,
     worker_moves,
@@ -182,3 +183,36 @@ def test_retry_backoff_edge_settings(
 )
 def test_over_budget(cost: float, budget: float | None, over: bool) -> None:
     assert over_budget(cost, budget) is over
+
+
+@pytest.mark.parametrize("draw", [0.0, 0.25, 0.5, 0.999999])
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 1.0])
+def test_jittered_backoff_stays_within_its_band(jitter: float, draw: float) -> None:
+    delay = jittered(20.0, jitter, draw)
+    assert 20.0 * (1 - jitter) <= delay <= 20.0
+    assert delay == pytest.approx(20.0 * (1 - jitter) + 20.0 * jitter * draw)
+
+
+def test_no_jitter_is_the_plain_backoff_and_equal_jitter_spans_the_upper_half() -> None:
+    assert {jittered(8.0, 0.0, draw / 10) for draw in range(10)} == {8.0}
+    assert jittered(8.0, 0.5, 0.0) == 4.0
+    assert jittered(8.0, 0.5, 0.5) == 6.0
+    assert jittered(0.0, 1.0, 0.7) == 0.0  # no backoff stays none
+
+
+def test_jitter_spreads_jobs_that_failed_together() -> None:
+    import random
+
+    rng = random.Random(11)
+    delays = [jittered(retry_backoff_seconds(1, base=2.0, cap=60.0), 0.5, rng.random())
+              for _ in range(40)]
+    assert len(set(delays)) == 40
+    assert min(delays) >= 1.0
+    assert max(delays) <= 2.0
+    assert max(delays) - min(delays) > 0.5
+
+
+@pytest.mark.parametrize(("jitter", "draw"), [(-0.1, 0.5), (1.5, 0.5), (0.5, 1.0), (0.5, -0.1)])
+def test_jitter_refuses_values_out_of_range(jitter: float, draw: float) -> None:
+    with pytest.raises(ValueError, match="must be within"):
+        jittered(10.0, jitter, draw)
