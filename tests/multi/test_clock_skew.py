@@ -23,7 +23,8 @@ from tests.multi.test_two_instances import Instance
 
 pytestmark = [pytest.mark.postgres, pytest.mark.parametrize("store", ["postgres"])]
 
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+LIBFAKETIME = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))),
+                   Path("/usr/lib/faketime/libfaketime.so.1"))
 SKEW_SECONDS = 4
 LEASE_SECONDS = 5
 HEARTBEAT_EVERY = 1.7
