@@ -119,6 +119,8 @@ def make_settings(database_url: str) -> Callable[..., Settings]:
             "database_url": database_url,
             "background_loops": False,
             "retry_backoff_seconds": 0.0,
+            # Generous: a loaded CI machine queues for the pool; tests/faults sets its own.
+            "db_timeout_seconds": 30.0,
         }
         values.update(overrides)
         return Settings(**values)

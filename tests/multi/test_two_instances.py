@@ -71,6 +71,7 @@ class Instance:
             "FLEET_ECHO_SWEEP_INTERVAL_SECONDS": "0.5",
             "FLEET_HUB_POLL_SECONDS": "0.5",
             "FLEET_LOG_LEVEL": "warning",
+            "FLEET_DB_TIMEOUT_SECONDS": "30",  # a loaded CI machine queues for the pool
             **(extra_env or {}),
         }
         with self.log_path.open("wb") as log:
