@@ -121,6 +121,15 @@ def create_engine(
     return create_async_engine(database_url, connect_args=connect_args, **kwargs)
 
 
+def snapshot_engine(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool, for read transactions that see one snapshot throughout:
+    `REPEATABLE READ READ ONLY` on PostgreSQL; on SQLite a deferred transaction
+    already does (in WAL mode its snapshot is fixed by its first read)."""
+    if engine.dialect.name != "postgresql":
+        return engine
+    return engine.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
+
+
 def writer_engine(engine: AsyncEngine) -> AsyncEngine:
     """The same pool, but transactions that take the SQLite write lock when they begin."""
     if engine.dialect.name != "sqlite":

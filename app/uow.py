@@ -26,7 +26,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import writer_engine
+from app.db import snapshot_engine, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
 
@@ -101,6 +101,9 @@ class Database:
         self._writer = async_sessionmaker(
             writer_engine(engine), expire_on_commit=False, autoflush=False
         )
+        self._snapshot = async_sessionmaker(
+            snapshot_engine(engine), expire_on_commit=False, autoflush=False
+        )
 
     @property
     def dialect(self) -> str:
@@ -110,6 +113,13 @@ class Database:
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A read session; store failures leave as `StoreUnavailableError`."""
         async with self.session(self._reader, commit=False) as session:
+            yield session
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[AsyncSession]:
+        """A read-only transaction whose reads all see one snapshot (one query
+        operation's, app.graphql.snapshot); store failures as in `read()`."""
+        async with self.session(self._snapshot, commit=False) as session:
             yield session
 
     @asynccontextmanager

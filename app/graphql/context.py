@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.websockets import WebSocket
 from strawberry.dataloader import DataLoader
@@ -18,6 +20,7 @@ from app.events.hub import LocalHub
 from app.events.service import EventStreams
 from app.fleet.models import Job
 from app.fleet.service import FleetService
+from app.graphql.snapshot import read_session
 from app.pagination import Page
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
@@ -55,7 +58,7 @@ class Loaders:
         self.comments = DataLoader[CommentPageKey, Page[Comment]](self._load_comment_pages)
 
     async def _load_items(self, ids: list[int]) -> list[Item | None]:
-        async with self.db.read() as session:
+        async with read_session(self.db) as session:
             rows = await tracker_repository.get_items(session, self.product_id, ids)
         by_id = {row.id: row for row in rows}
         return [by_id.get(i) for i in ids]
@@ -64,7 +67,7 @@ class Loaders:
         """First pages of many items in one query per page size; a page after a cursor
         (rare: a client paging one item) is read on its own."""
         pages: dict[CommentPageKey, Page[Comment]] = {}
-        async with self.db.read() as session:
+        async with read_session(self.db) as session:
             for first in {first for _, first, after in keys if after is None}:
                 item_ids = [item for item, size, after in keys if size == first and after is None]
                 firsts = await tracker_service.first_comment_pages(
@@ -84,7 +87,7 @@ class Loaders:
         page after a cursor is read on its own (filtered by item, oldest first)."""
         pages: dict[PageKey, Page[Job]] = {}
         fleet = self.fleet
-        async with self.db.read() as session:
+        async with read_session(self.db) as session:
             for first in {first for _, first, after in keys if after is None}:
                 item_ids = [item for item, size, after in keys if size == first and after is None]
                 firsts = await fleet.first_job_pages(session, self.product_id, item_ids,
@@ -115,6 +118,11 @@ class Context:
     @property
     def db(self) -> Database:
         return self.services.db
+
+    def read(self) -> AbstractAsyncContextManager[AsyncSession]:
+        """A session to read with: the query operation's one snapshot
+        (app.graphql.snapshot), or a fresh read session outside a query."""
+        return read_session(self.db)
 
     def require(self, permission: Permission) -> Principal:
         if self.principal is None and self.auth_failure is not None:

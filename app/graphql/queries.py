@@ -22,7 +22,7 @@ class Query:
     @strawberry.field
     async def viewer(self, info: Info[Context, None]) -> Viewer:
         principal = info.context.require(Permission.READ)
-        async with info.context.db.read() as session:
+        async with info.context.read() as session:
             last, _ = await event_repository.log_bounds(session, principal.product_id)
         return Viewer(
             product_id=principal.product_id,
@@ -38,7 +38,7 @@ class Query:
         item_id = parse_id(id)
         if item_id is None:
             return None
-        async with info.context.db.read() as session:
+        async with info.context.read() as session:
             row = await tracker_repository.get_item(session, principal.product_id, item_id)
         return Item.from_model(row) if row is not None else None
 
@@ -54,7 +54,7 @@ class Query:
         principal = info.context.require(Permission.READ)
         if label is not None:
             text("label", label, max_len=LABEL_MAX)
-        async with info.context.db.read() as session:
+        async with info.context.read() as session:
             page = await tracker_service.list_items(
                 session, principal.product_id, status=status, label=label,
                 first=page_size(first), after=after,
@@ -67,7 +67,7 @@ class Query:
         job_id = parse_id(id)
         if job_id is None:
             return None
-        async with info.context.db.read() as session:
+        async with info.context.read() as session:
             row = await fleet_repository.get_job(session, principal.product_id, job_id)
         return Job.from_model(row) if row is not None else None
 
@@ -86,7 +86,7 @@ class Query:
             item_filter = parse_id(tracker_item_id)
             if item_filter is None:  # names no item: nothing can match
                 item_filter = 0
-        async with info.context.db.read() as session:
+        async with info.context.read() as session:
             page = await info.context.services.fleet.list_jobs(
                 session, principal.product_id, stage=stage, tracker_item_id=item_filter,
                 first=page_size(first), after=after,

@@ -17,6 +17,7 @@ from strawberry.types import ExecutionContext
 from app.errors import FleetError
 from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
+from app.graphql.snapshot import OneSnapshotPerQuery
 from app.graphql.subscriptions import Subscription
 from app.uow import is_store_failure, store_unavailable
 
@@ -78,6 +79,7 @@ schema = FleetSchema(
         lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        OneSnapshotPerQuery,
         MaskUnexpectedErrors,
     ],
 )
