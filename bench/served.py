@@ -104,7 +104,8 @@ async def _measure(pid: int, count: int, concurrency: int,
     async def lane() -> None:
         nonlocal made
         for n in queue:
-            made += await one(n)
+            requests = await one(n)
+            made += requests  # after the await: `made += await ...` would lose updates
 
     clock = Clock(cpu_of=pid).start()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
