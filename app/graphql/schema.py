@@ -11,7 +11,14 @@ import logging
 
 import strawberry
 from graphql import GraphQLError
-from strawberry.extensions import MaskErrors, MaxAliasesLimiter, MaxTokensLimiter, QueryDepthLimiter
+from strawberry.extensions import (
+    AddValidationRules,
+    MaskErrors,
+    MaxTokensLimiter,
+    ValidationCache,
+)
+from strawberry.extensions.max_aliases import create_validator as alias_limit_rule
+from strawberry.extensions.query_depth_limiter import create_validator as depth_limit_rule
 from strawberry.types import ExecutionContext
 
 from app.errors import FleetError
@@ -26,6 +33,23 @@ logger = logging.getLogger("app.graphql")
 MAX_DEPTH = 12
 MAX_TOKENS = 5_000
 MAX_ALIASES = 50
+# Validation results kept per process (LRU, bounded: unique hostile query texts only
+# evict), keyed by (schema, document, rules): they hit only because the rules below are
+# built once.  (strawberry's ParserCache is left out: a parse error raised from it skips
+# the error masking, so the token limit's refusal would lose its code.)
+DOCUMENT_CACHE_SIZE = 256
+
+# The depth and alias limits as validation rule classes, built once for the process.
+# strawberry's QueryDepthLimiter/MaxAliasesLimiter build a new rule class per instance,
+# i.e. per request, which makes every validation-cache key unique (issue 12 item 3).
+LIMIT_RULES = (depth_limit_rule(MAX_DEPTH, None), alias_limit_rule(MAX_ALIASES))
+
+
+class LimitRules(AddValidationRules):
+    """The depth (MAX_DEPTH) and alias (MAX_ALIASES) limits; GRAPHQL_VALIDATION_FAILED."""
+
+    def __init__(self) -> None:
+        super().__init__(list(LIMIT_RULES))
 
 
 def _is_unexpected(error: GraphQLError) -> bool:
@@ -76,9 +100,9 @@ schema = FleetSchema(
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
-        lambda: QueryDepthLimiter(max_depth=MAX_DEPTH),
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
-        lambda: MaxAliasesLimiter(max_alias_count=MAX_ALIASES),
+        LimitRules,
+        lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
         OneSnapshotPerQuery,
         MaskUnexpectedErrors,
     ],
