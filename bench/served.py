@@ -118,7 +118,7 @@ async def requests_bench(url: str, *, requests: int, concurrency: int) -> dict[s
     """Each request kind `requests` times (the cycle: requests // 3 jobs, three
     mutations each) on one served process."""
     cycles = max(1, requests // 3)
-    token = await prepare(url, cycles)
+    token = await prepare(url, cycles * 2)  # spare jobs: a head SKIP LOCKED by another lane
     results: dict[str, Any] = {}
     with serving(url) as (pid, base):
         limits = httpx.Limits(max_connections=concurrency)
@@ -149,6 +149,8 @@ async def requests_bench(url: str, *, requests: int, concurrency: int) -> dict[s
 
             async def cycle(_: int) -> int:
                 claim = (await post(CLAIM, {"w": WORKER}))["claimNextJob"]
+                if claim["job"] is None:  # every head SKIP LOCKED by the other lanes
+                    return 1
                 job_id, fence = claim["job"]["id"], claim["lease"]["fence"]
                 for stage in ("BUILDING", "SHIPPED"):
                     await post(MOVE, {"id": job_id, "fence": fence, "to": stage})
