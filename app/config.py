@@ -67,9 +67,15 @@ class Settings(BaseSettings):
     subscriber_queue_size: int = Field(default=1_000, ge=1)
     max_subscriptions_per_connection: int = Field(default=20, ge=1)
     connection_init_timeout_seconds: float = Field(default=10.0, gt=0)
-    # PostgreSQL only: how often the hub re-reads the event log for products with
-    # live subscribers, in case a NOTIFY was lost (app.events.pg_hub).
+    # How often the hub re-reads the event log for products with live subscribers, in
+    # case a publish or a NOTIFY was lost (app.events.hub, app.events.pg_hub).
     hub_poll_seconds: float = Field(default=1.0, gt=0)
+    # How long a live stream retries a read while the database is unavailable before
+    # it ends with SERVICE_UNAVAILABLE (app.events.retry).
+    stream_retry_seconds: float = Field(default=30.0, ge=0)
+    # Connections of the small pool that event reads use (hub, streams, entities),
+    # apart from the pool that requests use.
+    event_pool_size: int = Field(default=3, ge=1, le=100)
 
     # Tokens (app.auth.guard): how long a PostgreSQL instance may reuse a token check
     # (revokes invalidate it at once; 0 disables), and how often the tokens of open

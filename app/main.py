@@ -25,7 +25,8 @@ from app.background import BackgroundLoops
 from app.bridge.service import BridgeService, ItemEchoWriter, write_status_and_comment
 from app.config import Settings, get_settings
 from app.db import create_engine
-from app.events.hub import LocalHub
+from app.events.entities import EntityReader
+from app.events.hub import LogHub
 from app.events.outbox import EventRecord
 from app.events.pg_hub import PostgresHub
 from app.events.service import EventStreams
@@ -57,6 +58,7 @@ class Runtime:
         await self.services.tokens.stop()
         await self.services.hub.stop()
         await self.services.db.dispose()
+        await self.services.streams.db.dispose()
 
 
 def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = None) -> Runtime:
@@ -66,10 +68,17 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow,
     )
     db = Database(engine)
-    hub: LocalHub
+    # Event reads (hub catch-up, stream replay, events' entities) have a small pool of
+    # their own: live delivery never holds or waits on the pool requests use.
+    event_db = Database(create_engine(
+        settings.database_url, timeout_seconds=settings.db_timeout_seconds,
+        pool_size=settings.event_pool_size, max_overflow=0,
+    ))
+    hub: LogHub
     if engine.dialect.name == "postgresql":
         # Many instances may share this database: wake each other with LISTEN/NOTIFY.
-        pg_hub = PostgresHub(db, settings.database_url, max_queue=settings.subscriber_queue_size,
+        pg_hub = PostgresHub(event_db, settings.database_url,
+                             max_queue=settings.subscriber_queue_size,
                              poll_seconds=settings.hub_poll_seconds)
         # Token checks are cached only while revoke notifications can arrive.
         tokens = TokenGuard(db, cache_seconds=settings.token_cache_seconds,
@@ -78,7 +87,8 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         pg_hub.listen(TOKEN_CHANNEL, tokens.on_notification)
         hub = pg_hub
     else:
-        hub = LocalHub(max_queue=settings.subscriber_queue_size)
+        hub = LogHub(event_db, max_queue=settings.subscriber_queue_size,
+                     poll_seconds=settings.hub_poll_seconds)
         tokens = TokenGuard(db, check_seconds=settings.token_check_seconds)
     fleet = FleetService(
         FleetPolicy(
@@ -105,7 +115,8 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     db.on_commit = on_commit
     services = Services(
         settings=settings, db=db, hub=hub, fleet=fleet, bridge=bridge,
-        streams=EventStreams(db, hub), tokens=tokens,
+        streams=EventStreams(event_db, hub, retry_seconds=settings.stream_retry_seconds),
+        entities=EntityReader(event_db), tokens=tokens,
     )
     return Runtime(services=services, loops=BackgroundLoops(settings, db, fleet, bridge),
                    metrics=metrics)

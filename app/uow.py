@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import snapshot_engine, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
+from app.tasks import run_to_completion
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class Database:
     def __init__(self, engine: AsyncEngine, on_commit: CommitHook | None = None) -> None:
         self.engine = engine
         self.on_commit = on_commit
+        # Fault seam (tests): awaited in the caller's task right after a commit, before
+        # its events are published, e.g. to cancel the caller at the worst moment.
+        self.after_commit: Callable[[], Awaitable[None]] | None = None
         self._reader = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
         self._writer = async_sessionmaker(
             writer_engine(engine), expire_on_commit=False, autoflush=False
@@ -129,27 +133,42 @@ class Database:
         On SQLite the transaction takes the write lock when it begins, so units of
         work never interleave and never fail with "database is locked" (unless the
         lock is not free within FLEET_DB_TIMEOUT_SECONDS: SERVICE_UNAVAILABLE).
+
+        Once the commit has happened, its events are handed to `on_commit` even if the
+        caller is cancelled meanwhile (a client dropping its socket): the commit and
+        the publishing each run to completion in a task of their own, and the
+        cancellation goes through afterwards (issue 11 "no lost live event").
         """
-        async with self.session(self._writer, commit=True) as session:
-            yield session
-        records = take_recorded(session)  # committed: the session is closed, its info kept
-        if records and self.on_commit is not None:
-            await self.on_commit(records)
+        committed: list[list[EventRecord]] = []
+        try:
+            async with self.session(self._writer, commit=True, committed=committed) as session:
+                yield session
+            if self.after_commit is not None:
+                await self.after_commit()
+        finally:
+            if committed and committed[0] and self.on_commit is not None:
+                await run_to_completion(self.on_commit(committed[0]))
 
     @asynccontextmanager
     async def session(
-        self, maker: async_sessionmaker[AsyncSession], *, commit: bool
+        self, maker: async_sessionmaker[AsyncSession], *, commit: bool,
+        committed: list[list[EventRecord]] | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """The one place a session ends: committed (`commit`), closed, rolled back on
         an error, or invalidated on a store failure — which leaves as
-        `StoreUnavailableError` raised from the driver's error."""
+        `StoreUnavailableError` raised from the driver's error.  The commit runs to
+        completion even if the caller is cancelled; its recorded events are appended
+        to `committed` as soon as it succeeded."""
+        done: list[list[EventRecord]] = [] if committed is None else committed
         session = maker()
         try:
             try:
                 yield session
                 if commit:
-                    await session.commit()
+                    await run_to_completion(_commit(session, done))
             except BaseException as exc:
+                if done:  # committed; only the caller was cancelled meanwhile
+                    raise
                 discard_recorded(session)
                 # Cancelled mid-statement, the connection's state is unknown: drop it too.
                 if isinstance(exc, asyncio.CancelledError) or is_store_failure(exc):
@@ -166,6 +185,11 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+async def _commit(session: AsyncSession, committed: list[list[EventRecord]]) -> None:
+    await session.commit()
+    committed.append(take_recorded(session))
 
 
 async def _invalidate(session: AsyncSession) -> None:

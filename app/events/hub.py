@@ -1,24 +1,47 @@
-"""Fan-out of committed events to live subscribers.
+"""Fan-out of committed events to live subscribers (DESIGN §5).
 
-The hub is the only thing that publishes.  `LocalHub` delivers within one process;
-the PostgreSQL hub (app.events.pg_hub) adds LISTEN/NOTIFY between instances and
-delivers through the same local fan-out.
+The hub is the only thing that publishes.  `LocalHub` is the in-process fan-out;
+`LogHub` feeds it in sequence order with the durable event log as the source of
+truth (the hub every store uses); the PostgreSQL hub (app.events.pg_hub) adds
+LISTEN/NOTIFY between instances on top of `LogHub`.
 
 Each subscriber has a bounded queue.  A subscriber that falls behind is never
 allowed to block the publisher or grow memory: when its queue is full the queue is
 dropped and the subscriber is flagged `overflowed`; its stream then catches up by
 reading the durable event log from the last event it delivered (see
 `app.events.service`).  Nothing is lost, and nobody else waits.
+
+`LogHub` delivers each subscribed product's events exactly in sequence order, so a
+stream never sees a gap it would have to fill from the log itself: an event that
+arrives ahead of a missing one (another commit not published yet, a publish lost
+to a crash, an event committed by another instance) is held back, and the hub reads
+the missing ones from the log once for every subscriber of this process.  Every
+`poll_seconds` it also compares each subscribed product's newest sequence with what
+it has delivered, so an event whose publishing never happened still arrives
+(issue 11 "no lost live event").  A hub read costs one query per product and batch,
+whatever the number of subscribers (issue 12 "fan-out that scales").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
+from sqlalchemy import select
+
+from app.auth.models import Product
+from app.events import repository
 from app.events.outbox import EventRecord
+from app.tasks import cancel_and_wait
+from app.uow import Database
+
+logger = logging.getLogger(__name__)
+
+CATCH_UP_BATCH = 500
 
 
 class Subscriber:
@@ -75,8 +98,11 @@ class LocalHub:
 
     def deliver(self, records: Sequence[EventRecord]) -> None:
         for record in records:
-            for subscriber in tuple(self._subscribers.get(record.product_id, ())):
-                subscriber.offer(record)
+            self._offer(record)
+
+    def _offer(self, record: EventRecord) -> None:
+        for subscriber in tuple(self._subscribers.get(record.product_id, ())):
+            subscriber.offer(record)
 
     @asynccontextmanager
     async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
@@ -97,3 +123,143 @@ class LocalHub:
     def subscribed_products(self) -> list[str]:
         """The products that have at least one live subscriber here."""
         return [product for product, subscribers in self._subscribers.items() if subscribers]
+
+
+class LogHub(LocalHub):
+    """The local fan-out fed in sequence order and kept current from the event log.
+
+    `db` should be the small database handle for event reads (not the pool that
+    mutations use); `poll_seconds` is FLEET_HUB_POLL_SECONDS.
+    """
+
+    def __init__(self, db: Database, *, max_queue: int = 1_000, poll_seconds: float = 1.0
+                 ) -> None:
+        super().__init__(max_queue=max_queue)
+        self.db = db
+        self.poll_seconds = poll_seconds
+        # The highest sequence delivered here in order, per product with live subscribers.
+        self._delivered: dict[str, int] = {}
+        # Events that arrived ahead of a missing one, per product, by sequence.
+        self._held: dict[str, dict[int, EventRecord]] = {}
+        self._pending: set[str] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        # Observable counters (logs, tests): poll passes that found missing events, and
+        # reads of the log made by the hub (one per product and batch, not per subscriber).
+        self.polls_that_found_news = 0
+        self.log_reads = 0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._tasks.append(asyncio.create_task(self._catch_up_forever(), name="event-hub-catch-up"))
+
+    async def stop(self) -> None:
+        await cancel_and_wait(self._tasks)
+        self._tasks = []
+
+    # -- delivering in order ---------------------------------------------------
+
+    def deliver(self, records: Sequence[EventRecord]) -> None:
+        """Offer `records` to this process's subscribers, each product's in sequence
+        order: what is already delivered is dropped, what comes ahead of a missing
+        event waits for it (and asks for a read of the log)."""
+        for record in sorted(records, key=lambda r: (r.product_id, r.seq)):
+            product_id = record.product_id
+            delivered = self._delivered.get(product_id)
+            if delivered is None or record.seq <= delivered:
+                continue
+            if record.seq > delivered + 1:
+                held = self._held.setdefault(product_id, {})
+                if len(held) < self.max_queue:  # past that, the log read brings them
+                    held[record.seq] = record
+                self._request_catch_up([product_id])
+                continue
+            self._offer(record)
+            delivered = record.seq
+            held = self._held.get(product_id, {})
+            while (following := held.pop(delivered + 1, None)) is not None:
+                self._offer(following)
+                delivered = following.seq
+            self._delivered[product_id] = delivered
+            for seq in [seq for seq in held if seq <= delivered]:
+                del held[seq]
+            if not held:
+                self._held.pop(product_id, None)
+
+    # -- subscribing -----------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
+        if product_id not in self._delivered:
+            head = await self._log_head(product_id)
+            # Two first subscribers may race; the lower mark only costs a re-delivery.
+            self._delivered[product_id] = min(self._delivered.get(product_id, head), head)
+        try:
+            async with super().subscribe(product_id) as subscriber:
+                yield subscriber
+        finally:
+            if self.subscriber_count(product_id) == 0:
+                self._delivered.pop(product_id, None)
+                self._held.pop(product_id, None)
+                self._pending.discard(product_id)
+
+    async def _log_head(self, product_id: str) -> int:
+        async with self.db.read() as session:
+            last, _ = await repository.log_bounds(session, product_id)
+        return last
+
+    # -- catching up from the log ----------------------------------------------
+
+    def _request_catch_up(self, products: Sequence[str]) -> None:
+        self._pending.update(product for product in products if product in self._delivered)
+        if self._pending:
+            self._wake.set()
+
+    async def _catch_up_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.poll_seconds
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
+                    await self._wake.wait()
+            try:
+                if loop.time() >= next_poll:
+                    next_poll = loop.time() + self.poll_seconds
+                    await self._poll()
+                self._wake.clear()
+                pending, self._pending = self._pending, set()
+                for product_id in sorted(pending):
+                    await self._catch_up(product_id)
+            except Exception:
+                logger.warning("event hub catch-up failed; retrying at the next poll",
+                               exc_info=True)
+
+    async def _poll(self) -> None:
+        """Find subscribed products whose log has moved past what was delivered."""
+        products = self.subscribed_products()
+        if not products:
+            return
+        async with self.db.read() as session:
+            heads = (
+                await session.execute(
+                    select(Product.id, Product.last_event_seq).where(Product.id.in_(products))
+                )
+            ).all()
+        behind = [product for product, last in heads
+                  if last is not None and last > self._delivered.get(product, last)]
+        if behind:
+            self.polls_that_found_news += 1
+            self._request_catch_up(behind)
+
+    async def _catch_up(self, product_id: str) -> None:
+        while (after := self._delivered.get(product_id)) is not None:
+            async with self.db.read() as session:
+                rows = await repository.events_after(
+                    session, product_id, after, limit=CATCH_UP_BATCH
+                )
+                records = [EventRecord.from_model(row) for row in rows]
+            self.log_reads += 1
+            self.deliver(records)
+            if len(records) < CATCH_UP_BATCH:
+                return

@@ -10,7 +10,8 @@ Many stateless instances share one PostgreSQL database.  Every instance runs a
 * One dedicated asyncpg connection per instance `LISTEN`s on that channel.  On a
   notification for a product with live subscribers here, whose sequence is above
   the last one this hub delivered for it, the hub reads the newer events from the
-  event table (`app.events.repository.events_after`) and delivers them locally.
+  event table (`app.events.repository.events_after`) once, and delivers them to all
+  of this instance's subscribers (`LogHub`, in sequence order).
 * A notification can be lost: the sending instance may die between its commit and
   its NOTIFY, the NOTIFY may fail, or the listening connection may drop.  So every
   `poll_seconds` (FLEET_HUB_POLL_SECONDS) the hub compares each subscribed
@@ -33,24 +34,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
-from sqlalchemy import select, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from app.auth.models import Product
-from app.events import repository
-from app.events.hub import LocalHub, Subscriber
+from app.events.hub import LogHub
 from app.events.outbox import EventRecord
-from app.tasks import cancel_and_wait
 from app.uow import Database
 
 logger = logging.getLogger(__name__)
 
 CHANNEL = "fleetbridge_events"
-CATCH_UP_BATCH = 500
 CONNECT_TIMEOUT_SECONDS = 5.0
 RECONNECT_INITIAL_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
@@ -75,7 +71,7 @@ def decode_wakeup(payload: str) -> tuple[str, int] | None:
     return product_id, int(seq)
 
 
-class PostgresHub(LocalHub):
+class PostgresHub(LogHub):
     def __init__(
         self,
         db: Database,
@@ -85,25 +81,16 @@ class PostgresHub(LocalHub):
         poll_seconds: float = 1.0,
         notifier: Notifier | None = None,
     ) -> None:
-        super().__init__(max_queue=max_queue)
-        self.db = db
+        super().__init__(db, max_queue=max_queue, poll_seconds=poll_seconds)
         self.dsn = listen_dsn(database_url)
-        self.poll_seconds = poll_seconds
         self.notifier: Notifier = notifier or self.send_notifications
-        # The highest sequence delivered here, per product with live subscribers.
-        self._delivered: dict[str, int] = {}
-        self._pending: set[str] = set()
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
         self._connection: asyncpg.Connection | None = None
         self._connection_lost: asyncio.Event | None = None
         # Other channels heard on the same connection (see `listen`).
         self._channels: dict[str, Callable[[str], None]] = {}
-        # Observable counters (logs, tests): listening connections opened, wake-ups
-        # received, poll passes that found missing events.
+        # Observable counters (logs, tests): listening connections opened, wake-ups received.
         self.connections_opened = 0
         self.notifications_received = 0
-        self.polls_that_found_news = 0
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -115,14 +102,13 @@ class PostgresHub(LocalHub):
             first = await self._listen_connection()
         except (OSError, asyncpg.PostgresError, TimeoutError):
             logger.warning("event hub could not LISTEN yet; will retry", exc_info=True)
-        self._tasks = [
-            asyncio.create_task(self._keep_listening(first), name="event-hub-listen"),
-            asyncio.create_task(self._catch_up_forever(), name="event-hub-catch-up"),
-        ]
+        await super().start()
+        self._tasks.append(
+            asyncio.create_task(self._keep_listening(first), name="event-hub-listen")
+        )
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._tasks)
-        self._tasks = []
+        await super().stop()
         await self._close_connection()
 
     @property
@@ -156,7 +142,8 @@ class PostgresHub(LocalHub):
                            exc_info=True)
 
     async def send_notifications(self, wakeups: Sequence[tuple[str, int]]) -> None:
-        """The default notifier: `pg_notify` through a pooled connection."""
+        """The default notifier: `pg_notify` through a connection of the hub's own
+        small pool (never the pool that mutations use)."""
         async with self.db.engine.connect() as connection:
             autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
             for product_id, seq in wakeups:
@@ -164,34 +151,6 @@ class PostgresHub(LocalHub):
                     text("SELECT pg_notify(:channel, :payload)"),
                     {"channel": CHANNEL, "payload": encode_wakeup(product_id, seq)},
                 )
-
-    def deliver(self, records: Sequence[EventRecord]) -> None:
-        super().deliver(records)
-        for record in records:
-            delivered = self._delivered.get(record.product_id)
-            if delivered is not None and record.seq > delivered:
-                self._delivered[record.product_id] = record.seq
-
-    # -- subscribing -----------------------------------------------------------
-
-    @asynccontextmanager
-    async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
-        if product_id not in self._delivered:
-            head = await self._log_head(product_id)
-            # Two first subscribers may race; the lower mark only costs a re-delivery.
-            self._delivered[product_id] = min(self._delivered.get(product_id, head), head)
-        try:
-            async with super().subscribe(product_id) as subscriber:
-                yield subscriber
-        finally:
-            if self.subscriber_count(product_id) == 0:
-                self._delivered.pop(product_id, None)
-                self._pending.discard(product_id)
-
-    async def _log_head(self, product_id: str) -> int:
-        async with self.db.read() as session:
-            last, _ = await repository.log_bounds(session, product_id)
-        return last
 
     # -- listening -------------------------------------------------------------
 
@@ -268,60 +227,6 @@ class PostgresHub(LocalHub):
         delivered = self._delivered.get(product_id)
         if delivered is not None and seq > delivered:
             self._request_catch_up([product_id])
-
-    # -- catching up from the log ----------------------------------------------
-
-    def _request_catch_up(self, products: Sequence[str]) -> None:
-        self._pending.update(product for product in products if product in self._delivered)
-        if self._pending:
-            self._wake.set()
-
-    async def _catch_up_forever(self) -> None:
-        loop = asyncio.get_running_loop()
-        next_poll = loop.time() + self.poll_seconds
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, next_poll - loop.time())):
-                    await self._wake.wait()
-            try:
-                if loop.time() >= next_poll:
-                    next_poll = loop.time() + self.poll_seconds
-                    await self._poll()
-                self._wake.clear()
-                pending, self._pending = self._pending, set()
-                for product_id in sorted(pending):
-                    await self._catch_up(product_id)
-            except Exception:
-                logger.warning("event hub catch-up failed; retrying at the next poll",
-                               exc_info=True)
-
-    async def _poll(self) -> None:
-        """Find subscribed products whose log has moved past what was delivered."""
-        products = self.subscribed_products()
-        if not products:
-            return
-        async with self.db.read() as session:
-            heads = (
-                await session.execute(
-                    select(Product.id, Product.last_event_seq).where(Product.id.in_(products))
-                )
-            ).all()
-        behind = [product for product, last in heads
-                  if last is not None and last > self._delivered.get(product, last)]
-        if behind:
-            self.polls_that_found_news += 1
-            self._request_catch_up(behind)
-
-    async def _catch_up(self, product_id: str) -> None:
-        while (after := self._delivered.get(product_id)) is not None:
-            async with self.db.read() as session:
-                rows = await repository.events_after(
-                    session, product_id, after, limit=CATCH_UP_BATCH
-                )
-                records = [EventRecord.from_model(row) for row in rows]
-            self.deliver(records)
-            if len(records) < CATCH_UP_BATCH:
-                return
 
 
 def _payload_to(callback: Callable[[str], None]) -> Callable[[object, int, str, str], None]:

@@ -9,11 +9,17 @@ A stream remembers the last sequence it delivered and relies on that:
    (already replayed), and filling from the log whenever the next one is not
    `last + 1` (another instance's event, or one published out of order);
 4. after a queue overflow, catch up from the log the same way.
+
+Every read of the log is retried from the stream's last sequence while the database
+is unavailable, for at most `retry_seconds` (app.events.retry), before the stream
+ends with `SERVICE_UNAVAILABLE`.  Reads use the small event-read pool given as `db`,
+never the pool that mutations use; a live stream holds no connection between reads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
 
@@ -22,7 +28,10 @@ from app.events import repository
 from app.events.hub import LocalHub, Subscriber
 from app.events.models import EventType
 from app.events.outbox import EventRecord, decode_event_cursor
+from app.events.retry import with_retry
 from app.uow import Database
+
+DEFAULT_RETRY_SECONDS = 30.0
 
 REPLAY_BATCH = 500
 
@@ -43,14 +52,22 @@ ITEM_STATUS_EVENTS = frozenset({EventType.ITEM_CREATED, EventType.ITEM_STATUS_CH
 
 
 class EventStreams:
-    def __init__(self, db: Database, hub: LocalHub) -> None:
+    def __init__(self, db: Database, hub: LocalHub, *,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS) -> None:
         self.db = db
         self.hub = hub
+        self.retry_seconds = retry_seconds
+        # Fault seam (tests): the read of stored events a stream makes.
+        self.read_events = repository.events_after
 
     async def start_position(self, product_id: str, after: str | None) -> int:
-        """The sequence a stream starts after; validates the cursor."""
-        async with self.db.read() as session:
-            last, oldest = await repository.log_bounds(session, product_id)
+        """The sequence a stream starts after; validates the cursor.  Raises
+        BadUserInputError for a bad cursor, StoreUnavailableError after retrying."""
+        async def bounds() -> tuple[int, int | None]:
+            async with self.db.read() as session:
+                return await repository.log_bounds(session, product_id)
+
+        last, oldest = await with_retry(bounds, self.retry_seconds)
         if after is None:
             return last
         seq = decode_event_cursor(after)
@@ -111,16 +128,25 @@ class EventStreams:
         self, product_id: str, after_seq: int, through_seq: int | None
     ) -> AsyncIterator[EventRecord]:
         while True:
-            async with self.db.read() as session:
-                rows = await repository.events_after(
-                    session, product_id, after_seq, limit=REPLAY_BATCH, through_seq=through_seq
-                )
-                records = [EventRecord.from_model(row) for row in rows]
+            records = await with_retry(
+                functools.partial(self._read_batch, product_id, after_seq, through_seq),
+                self.retry_seconds,
+            )
             for record in records:
                 yield record
             if len(records) < REPLAY_BATCH:
                 return
             after_seq = records[-1].seq
+
+
+    async def _read_batch(
+        self, product_id: str, after_seq: int, through_seq: int | None
+    ) -> list[EventRecord]:
+        async with self.db.read() as session:
+            rows = await self.read_events(
+                session, product_id, after_seq, limit=REPLAY_BATCH, through_seq=through_seq
+            )
+            return [EventRecord.from_model(row) for row in rows]
 
 
 def filter_for(types: Collection[EventType], entity_id: int | None) -> EventFilter:

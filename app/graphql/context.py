@@ -16,6 +16,7 @@ from app.auth.service import Permission, Principal, require
 from app.bridge.service import BridgeService
 from app.config import Settings
 from app.errors import FleetError
+from app.events.entities import EntityReader
 from app.events.hub import LocalHub
 from app.events.service import EventStreams
 from app.fleet.models import Job
@@ -39,6 +40,7 @@ class Services:
     bridge: BridgeService
     streams: EventStreams
     tokens: TokenGuard
+    entities: EntityReader
 
 
 # (item id, page size, cursor) of one item's page of comments or of jobs.

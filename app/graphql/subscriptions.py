@@ -2,29 +2,33 @@
 
 Without an id a subscription receives every change of the caller's product; the
 creation of a job or item counts as its first change (`from` is null).  The `job`
-and `item` fields hold the entity as it is when the event is delivered.
+and `item` fields hold the entity as it is when the event is delivered: read once
+per event for every subscriber that selected it (app.events.entities), and not at
+all when the subscription did not select it.  While the database is unavailable a
+stream retries its reads for FLEET_STREAM_RETRY_SECONDS before it ends with
+`SERVICE_UNAVAILABLE` (app.events.retry).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable
+import functools
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import strawberry
-from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.types import Info
+from strawberry.types.nodes import SelectedField, Selection
 
 from app.auth.service import Permission
 from app.errors import BadUserInputError
 from app.events.models import EventType
 from app.events.outbox import EventRecord
+from app.events.retry import with_retry
 from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
-from app.fleet import repository as fleet_repository
 from app.graphql.context import Context
 from app.graphql.ids import parse_id
 from app.graphql.types import ItemStatusEvent, JobStageEvent
-from app.tracker import repository as tracker_repository
 
 Row = TypeVar("Row")
 
@@ -38,24 +42,39 @@ def _entity_filter(field: str, value: strawberry.ID | None) -> int | None:
     return ident
 
 
+def selects(selections: Iterable[Selection], name: str) -> bool:
+    """Whether `name` is selected directly or through a fragment of `selections`."""
+    for selection in selections:
+        if isinstance(selection, SelectedField):
+            if selection.name == name:
+                return True
+        elif selects(selection.selections, name):  # a fragment spread or inline fragment
+            return True
+    return False
+
+
 async def _changes(
     info: Info[Context, None],
     types: frozenset[EventType],
     id_field: str,
     entity_id: strawberry.ID | None,
     after: str | None,
-    load: Callable[[AsyncSession, str, int], Awaitable[Row | None]],
+    entity_field: str,
+    load: Callable[[EventRecord], Awaitable[Row | None]],
 ) -> AsyncGenerator[tuple[EventRecord, Row | None], None]:
     """The caller's product's events of `types` (of one entity, if given), each with
-    the entity as it is now."""
+    the entity as it is now when `entity_field` is selected (None otherwise)."""
     principal = info.context.require(Permission.READ)
     event_filter = filter_for(types, _entity_filter(id_field, entity_id))
     services = info.context.services
+    wants_entity = any(selects(field.selections, entity_field) for field in info.selected_fields)
     stream = services.streams.stream(principal.product_id, event_filter, after)
     async with aclosing(stream):  # leave the hub as soon as the client goes
         async for record in stream:
-            async with services.db.read() as session:
-                row = await load(session, principal.product_id, record.entity_id)
+            row = None
+            if wants_entity:
+                row = await with_retry(functools.partial(load, record),
+                                       services.streams.retry_seconds)
             yield record, row
 
 
@@ -66,7 +85,10 @@ class Subscription:
         self, info: Info[Context, None], job_id: strawberry.ID | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[JobStageEvent, None]:
-        changes = _changes(info, JOB_STAGE_EVENTS, "jobId", job_id, after, fleet_repository.get_job)
+        changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
+            info, JOB_STAGE_EVENTS, "jobId", job_id, after, "job",
+            info.context.services.entities.job,
+        )
         async with aclosing(changes):
             async for record, job in changes:
                 yield JobStageEvent.from_record(record, job)
@@ -76,8 +98,9 @@ class Subscription:
         self, info: Info[Context, None], item_id: strawberry.ID | None = None,
         after: str | None = None,
     ) -> AsyncGenerator[ItemStatusEvent, None]:
-        changes = _changes(
-            info, ITEM_STATUS_EVENTS, "itemId", item_id, after, tracker_repository.get_item
+        changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
+            info, ITEM_STATUS_EVENTS, "itemId", item_id, after, "item",
+            info.context.services.entities.item,
         )
         async with aclosing(changes):
             async for record, item in changes:
