@@ -120,6 +120,11 @@ class LocalHub:
     def subscriber_count(self, product_id: str) -> int:
         return len(self._subscribers.get(product_id, ()))
 
+    def delivered(self, product_id: str) -> int | None:
+        """The sequence through which this hub delivers `product_id`'s events in order
+        to its subscribers (everything after it will reach them); None if unknown."""
+        return None
+
     def subscribed_products(self) -> list[str]:
         """The products that have at least one live subscriber here."""
         return [product for product, subscribers in self._subscribers.items() if subscribers]
@@ -188,6 +193,9 @@ class LogHub(LocalHub):
                 self._held.pop(product_id, None)
 
     # -- subscribing -----------------------------------------------------------
+
+    def delivered(self, product_id: str) -> int | None:
+        return self._delivered.get(product_id)
 
     @asynccontextmanager
     async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:

@@ -60,9 +60,23 @@ class EventStreams:
         # Fault seam (tests): the read of stored events a stream makes.
         self.read_events = repository.events_after
 
-    async def start_position(self, product_id: str, after: str | None) -> int:
+    async def start_position(
+        self, product_id: str, after: str | None, *, delivered: int | None = None
+    ) -> int:
         """The sequence a stream starts after; validates the cursor.  Raises
-        BadUserInputError for a bad cursor, StoreUnavailableError after retrying."""
+        BadUserInputError for a bad cursor, StoreUnavailableError after retrying.
+
+        `delivered` is what the hub has delivered of the product while the stream is
+        registered with it: everything after it reaches the stream live, so "from now"
+        starts there, and a cursor at exactly that point needs no read at all (the
+        usual case: `viewer.eventCursor`, then subscribe)."""
+        if delivered is not None:
+            if after is None:
+                return delivered
+            with contextlib.suppress(BadUserInputError):  # a bad cursor is refused below
+                if decode_event_cursor(after) == delivered:
+                    return delivered
+
         async def bounds() -> tuple[int, int | None]:
             async with self.db.read() as session:
                 return await repository.log_bounds(session, product_id)
@@ -91,19 +105,23 @@ class EventStreams:
         fixed its starting point: from then on no committed event can be missed.
         """
         async with self.hub.subscribe(product_id) as subscriber:
-            start = await self.start_position(product_id, after)
+            delivered = self.hub.delivered(product_id)
+            start = await self.start_position(product_id, after, delivered=delivered)
             if on_ready is not None:
                 on_ready()
-            async with contextlib.aclosing(self._in_order(product_id, subscriber, start)) as events:
+            replay = delivered is None or start < delivered
+            in_order = self._in_order(product_id, subscriber, start, replay=replay)
+            async with contextlib.aclosing(in_order) as events:
                 async for record in events:
                     if event_filter.matches(record):
                         yield record
 
     async def _in_order(
-        self, product_id: str, subscriber: Subscriber, last: int
+        self, product_id: str, subscriber: Subscriber, last: int, *, replay: bool = True
     ) -> AsyncGenerator[EventRecord, None]:
-        """Every event after sequence `last`, each exactly once, in sequence order."""
-        read_to_head = True  # the replay first; later, after the queue overflowed
+        """Every event after sequence `last`, each exactly once, in sequence order
+        (`replay`: read the log first; without, the hub brings everything after `last`)."""
+        read_to_head = replay  # the replay first; later, after the queue overflowed
         while True:
             if read_to_head:
                 async for record in self._read_log(product_id, last, None):
