@@ -1,0 +1,551 @@
+"""Fan-out benchmark: S websocket subscribers, M changes, commit → receive.
+
+    .venv/bin/python bench/bench_fanout.py                 # the full set (see SCENARIOS)
+    .venv/bin/python bench/bench_fanout.py --quick         # small sizes, < 2 minutes
+    .venv/bin/python bench/bench_fanout.py --json          # one JSON object, printed last
+    .venv/bin/python bench/bench_fanout.py --scenario sqlite-1000 --scenario pg-two-1000
+    .venv/bin/python bench/bench_fanout.py --app-dir /path/to/other/checkout   # "before"
+
+Everything is real: `python -m app.cli serve` processes (one, or two on one
+PostgreSQL database), S websocket clients speaking `graphql-transport-ws`, spread
+over a few client processes, each with one `jobStageChanged` subscription selecting
+`cursor at job { id stage }`, and a driver that submits M jobs over HTTP at a fixed
+rate (each submit is one `JOB_CREATED` event).
+
+Measured per scenario:
+
+* delivery latency commit → receive: the client's wall clock at receipt minus the
+  event's `at` (stamped by the server just before its commit; same machine clock),
+  p50/p99 over every (subscriber, event);
+* events lost: expected S x (M + 1 probe) minus what arrived, after a drain deadline;
+  every subscriber's cursors are also checked to be consecutive (order, no duplicate);
+* RSS per subscriber: the serving process's RSS growth from before the first
+  subscriber to after all are live, / S;
+* server CPU per delivery: user+system CPU of the delivering process(es) over the
+  mutation and drain phase / events delivered (it includes serving the mutations);
+* mutation latency during fan-out: p50/p99 of the submit round trips.
+
+`--app-dir` serves another checkout of the code (a `git worktree` of an older commit)
+with this same driver, which is how bench/RESULTS.md records before/after. The
+PostgreSQL server is FLEET_BENCH_PG (default postgresql://postgres@127.0.0.1:5432);
+PostgreSQL scenarios are skipped when it does not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from websockets.asyncio.client import connect
+
+REPO = Path(__file__).resolve().parent.parent
+PG_DSN = os.environ.get("FLEET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
+PRODUCT = "bench"
+CLIENT_PROCESSES = 2
+CONNECT_CONCURRENCY = 64
+PROBE_DEADLINE = 180.0  # seconds for every subscriber to see the untimed first event
+
+SUBSCRIPTION = (
+    "subscription($after: String) { jobStageChanged(after: $after) "
+    "{ cursor at job { id stage } } }"
+)
+SUBMIT = "mutation($input: SubmitJobInput!) { submitJob(input: $input) { outcome job { id } } }"
+CURSOR = "query { viewer { eventCursor } }"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    store: str  # "sqlite" | "postgres"
+    subscribers: int
+    changes: int
+    rate: float  # changes per second
+    instances: int = 1  # 2: mutations on A, subscribers on B
+
+
+SCENARIOS = [
+    Scenario("sqlite-1000", "sqlite", 1_000, 200, 20.0),
+    Scenario("pg-1000", "postgres", 1_000, 200, 20.0),
+    Scenario("pg-two-1000", "postgres", 1_000, 200, 20.0, instances=2),
+    Scenario("sqlite-10000", "sqlite", 10_000, 20, 2.0),
+    Scenario("pg-10000", "postgres", 10_000, 20, 2.0),
+]
+QUICK = [
+    Scenario("sqlite-200", "sqlite", 200, 60, 20.0),
+    Scenario("pg-200", "postgres", 200, 60, 20.0),
+    Scenario("pg-two-200", "postgres", 200, 60, 20.0, instances=2),
+]
+
+
+@dataclass
+class Result:
+    scenario: str
+    store: str
+    subscribers: int
+    changes: int
+    rate: float
+    instances: int
+    delivery_p50_ms: float | None = None
+    delivery_p99_ms: float | None = None
+    delivery_max_ms: float | None = None
+    lost: int = 0
+    out_of_order: int = 0
+    errors: int = 0
+    mutation_errors: int = 0
+    rss_per_subscriber_kib: float | None = None
+    server_cpu_per_delivery_ms: float | None = None
+    mutation_p50_ms: float | None = None
+    mutation_p99_ms: float | None = None
+    subscribe_seconds: float | None = None
+    skipped: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+# -- processes -----------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+class Server:
+    def __init__(self, app_dir: Path, database_url: str, log_dir: Path, name: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ws_url = f"ws://127.0.0.1:{self.port}/graphql"
+        self.log_path = log_dir / f"server-{name}.log"
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "PYTHONPATH": str(app_dir),
+            "FLEET_BACKGROUND_LOOPS": "false",
+            "FLEET_LOG_LEVEL": "warning",
+            "FLEET_MAX_SUBSCRIPTIONS_PER_CONNECTION": "20",
+        }
+        with self.log_path.open("wb") as log:
+            profile = os.environ.get("FLEET_BENCH_PROFILE")  # a directory: cProfile the servers
+            prefix = ["-m", "cProfile", "-o", f"{profile}/server-{name}.prof"] if profile else []
+            self.process = subprocess.Popen(
+                [sys.executable, *prefix, "-m", "app.cli", "serve", "--port", str(self.port)],
+                cwd=app_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    async def wait_healthy(self) -> None:
+        async with httpx.AsyncClient(base_url=self.url, timeout=2) as http:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise RuntimeError(self.log_path.read_text()[-3000:])
+                with contextlib.suppress(httpx.TransportError):
+                    if (await http.get("/healthz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError("server never became healthy")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGINT)  # uvicorn shuts down; cProfile writes
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+# -- subscriber processes ---------------------------------------------------------
+
+
+async def _subscribers(
+    ws_url: str, token: str, count: int, after: str, expected: int, ready: Any,
+    start: Any, drain_seconds: float,
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    received = 0
+    out_of_order = 0
+    errors = 0
+    connected = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    live = 0
+    all_live = asyncio.Event()
+    first_seen = [asyncio.Event() for _ in range(count)]
+
+    async def one(index: int) -> None:
+        nonlocal errors, live
+        try:
+            await subscriber(index)
+        except Exception:
+            errors += 1
+        finally:
+            first_seen[index].set()  # a subscriber that failed does not hold the run up
+            if not all_live.is_set():
+                live += 1
+                if live >= count:
+                    all_live.set()
+
+    async def subscriber(index: int) -> None:
+        nonlocal received, out_of_order, errors, live
+        async with connected:
+            connection = await connect(ws_url, subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
+                                       open_timeout=120, close_timeout=5, max_queue=None)
+            await connection.send(json.dumps({"type": "connection_init",
+                                              "payload": {"authorization": f"Bearer {token}"}}))
+            ack = json.loads(await connection.recv())
+            assert ack["type"] == "connection_ack", ack
+            await connection.send(json.dumps({
+                "id": "1", "type": "subscribe",
+                "payload": {"query": SUBSCRIPTION, "variables": {"after": after}},
+            }))
+        live += 1
+        if live >= count:
+            all_live.set()
+        last = None
+        got = 0
+        try:
+            async with asyncio.timeout(None) as deadline_cm:
+                while got < expected:
+                    raw = await connection.recv()
+                    now = time.time()
+                    message = json.loads(raw)
+                    kind = message.get("type")
+                    if kind == "ping":
+                        await connection.send('{"type":"pong"}')
+                        continue
+                    if kind != "next" or message["payload"].get("errors"):
+                        errors += 1
+                        if kind in {"error", "complete"}:
+                            return
+                        continue
+                    event = message["payload"]["data"]["jobStageChanged"]
+                    seq = int(_b64(event["cursor"]).split(":")[1])
+                    if last is not None and seq != last + 1:
+                        out_of_order += 1
+                    last = seq
+                    got += 1
+                    received += 1
+                    if got == 1:
+                        first_seen[index].set()
+                        # The probe event is not timed; the deadline starts with the run.
+                        await start.wait()
+                        deadline_cm.reschedule(asyncio.get_running_loop().time()
+                                               + drain_seconds)
+                        continue
+                    at = datetime.fromisoformat(event["at"]).timestamp()
+                    latencies.append((now - at) * 1000.0)
+        except TimeoutError:
+            pass
+        finally:
+            await connection.close()
+
+    tasks = [asyncio.create_task(one(i)) for i in range(count)]
+    await all_live.wait()
+    ready.put(("live", None))
+    # Bounded: a subscriber that never sees the probe counts its events as lost.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(event.wait() for event in first_seen)),
+                               PROBE_DEADLINE)
+    ready.put(("probed", None))
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return {"latencies": latencies, "received": received, "out_of_order": out_of_order,
+            "errors": errors}
+
+
+def _b64(cursor: str) -> str:
+    import base64
+
+    return base64.urlsafe_b64decode(cursor.encode()).decode()
+
+
+def _client_main(ws_url: str, token: str, count: int, after: str, expected: int,
+                 ready: Any, go: Any, results: Any, drain_seconds: float) -> None:
+    async def main() -> dict[str, Any]:
+        start = asyncio.Event()
+
+        async def wait_go() -> None:
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
+            start.set()
+
+        waiter = asyncio.create_task(wait_go())
+        try:
+            return await _subscribers(ws_url, token, count, after, expected, ready, start,
+                                      drain_seconds)
+        finally:
+            waiter.cancel()
+
+    try:
+        outcome = asyncio.run(main())
+    except Exception as exc:  # reported, never a hung benchmark
+        outcome = {"latencies": [], "received": 0, "out_of_order": 0, "errors": count,
+                   "failure": repr(exc)}
+        ready.put(("live", None))
+        ready.put(("probed", None))
+    results.put(outcome)
+
+
+# -- databases ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fresh_database(store: str, tmp: Path) -> Iterator[str]:
+    if store == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp / 'fanout.db'}"
+        return
+    name = f"fleetbridge_fanout_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_pg_admin(f"CREATE DATABASE {name}"))
+    try:
+        yield f"postgresql+asyncpg://{PG_DSN.split('://', 1)[1]}/{name}"
+    finally:
+        asyncio.run(_pg_admin(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+
+
+async def _pg_admin(sql: str) -> None:
+    connection = await asyncpg.connect(f"{PG_DSN}/postgres", timeout=5)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def pg_answers() -> bool:
+    try:
+        asyncio.run(_pg_admin("SELECT 1"))
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    return True
+
+
+def prepare(app_dir: Path, database_url: str) -> str:
+    """Migrate and create a member token, with the served checkout's own code."""
+    script = (
+        "import asyncio\n"
+        "from app.migrate import upgrade\n"
+        "from app.auth.models import Role\n"
+        "from app.auth.service import create_token\n"
+        "from app.db import create_engine\n"
+        "from app.uow import Database\n"
+        f"upgrade({database_url!r})\n"
+        "async def main():\n"
+        f"    db = Database(create_engine({database_url!r}))\n"
+        "    async with db.unit_of_work() as s:\n"
+        f"        t = await create_token(s, product_id={PRODUCT!r}, role=Role.MEMBER)\n"
+        "    await db.dispose()\n"
+        "    print(t)\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(app_dir)}
+    out = subprocess.run([sys.executable, "-c", script], cwd=app_dir, env=env, check=True,
+                         capture_output=True, text=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+# -- one scenario -----------------------------------------------------------------------
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Path,
+                 result: Result, drain_seconds: float) -> None:
+    mutator, delivering = servers[0], servers[-1]
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=mutator.url, timeout=120, headers=headers) as http:
+        cursor = (await http.post("/graphql", json={"query": CURSOR})).json()
+        after = cursor["data"]["viewer"]["eventCursor"]
+        rss_before = proc_rss_kib(delivering.pid)
+        ctx = mp.get_context("spawn")
+        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        processes = min(CLIENT_PROCESSES, scenario.subscribers)
+        shares = [scenario.subscribers // processes + (i < scenario.subscribers % processes)
+                  for i in range(processes)]
+        expected = scenario.changes + 1
+        clients = [ctx.Process(target=_client_main, args=(
+            delivering.ws_url, token, share, after, expected, ready, go, results,
+            drain_seconds + scenario.changes / scenario.rate,
+        )) for share in shares]
+        loop = asyncio.get_running_loop()
+        began = time.monotonic()
+        for client in clients:
+            client.start()
+        for _ in clients:
+            await loop.run_in_executor(None, ready.get, True, 600)  # all live
+        result.subscribe_seconds = round(time.monotonic() - began, 1)
+        rss_live = proc_rss_kib(delivering.pid)
+
+        async def submit(n: int) -> float:
+            t0 = time.perf_counter()
+            response = await http.post("/graphql", json={
+                "query": SUBMIT,
+                "variables": {"input": {"title": f"fan-out {n}", "bodyMd": "x"}},
+            })
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"errors": [f"HTTP {response.status_code}: {response.text[:100]}"]}
+            if response.status_code != 200 or body.get("errors"):
+                result.mutation_errors += 1
+                if len(result.notes) < 5:
+                    result.notes.append(f"submit failed: {str(body)[:200]}")
+            return (time.perf_counter() - t0) * 1000.0
+
+        await submit(-1)  # the probe: every subscriber sees it, so all are registered
+        for _ in clients:
+            await loop.run_in_executor(None, ready.get, True, 600)  # all saw the probe
+        rss_after = proc_rss_kib(delivering.pid)
+        result.rss_per_subscriber_kib = round(
+            (max(rss_live, rss_after) - rss_before) / scenario.subscribers, 1
+        )
+        cpu_before = sum(proc_cpu_seconds(s.pid) for s in servers)
+        cpu_delivering_before = proc_cpu_seconds(delivering.pid)
+        go.set()
+        mutation_ms: list[float] = []
+        pending: list[asyncio.Task[float]] = []
+        t0 = loop.time()
+        for n in range(scenario.changes):
+            await asyncio.sleep(max(0.0, t0 + n / scenario.rate - loop.time()))
+            pending.append(asyncio.create_task(submit(n)))
+        mutation_ms = list(await asyncio.gather(*pending))
+        outcomes = [await loop.run_in_executor(None, results.get, True, 900) for _ in clients]
+        cpu_delivering = proc_cpu_seconds(delivering.pid) - cpu_delivering_before
+        cpu_all = sum(proc_cpu_seconds(s.pid) for s in servers) - cpu_before
+        for client in clients:
+            client.join(timeout=30)
+    latencies = [value for outcome in outcomes for value in outcome["latencies"]]
+    received = sum(outcome["received"] for outcome in outcomes)
+    result.lost = scenario.subscribers * (scenario.changes + 1) - received
+    result.out_of_order = sum(outcome["out_of_order"] for outcome in outcomes)
+    result.errors += sum(outcome["errors"] for outcome in outcomes)
+    result.delivery_p50_ms = percentile(latencies, 0.50)
+    result.delivery_p99_ms = percentile(latencies, 0.99)
+    result.delivery_max_ms = percentile(latencies, 1.0)
+    delivered = max(1, len(latencies))
+    result.server_cpu_per_delivery_ms = round(cpu_delivering * 1000.0 / delivered, 3)
+    if scenario.instances > 1:
+        result.notes.append(f"CPU of both instances per delivery "
+                            f"{cpu_all * 1000.0 / delivered:.3f} ms")
+    result.mutation_p50_ms = percentile(mutation_ms, 0.50)
+    result.mutation_p99_ms = percentile(mutation_ms, 0.99)
+
+
+def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Result:
+    result = Result(scenario.name, scenario.store, scenario.subscribers, scenario.changes,
+                    scenario.rate, scenario.instances)
+    if scenario.store == "postgres" and not pg_answers():
+        result.skipped = f"PostgreSQL does not answer at {PG_DSN}"
+        return result
+    with tempfile.TemporaryDirectory(prefix="fanout-") as tmp_name:
+        tmp = Path(tmp_name)
+        with fresh_database(scenario.store, tmp) as database_url:
+            token = prepare(app_dir, database_url)
+            servers = [Server(app_dir, database_url, tmp, name)
+                       for name in "AB"[: scenario.instances]]
+            try:
+                async def main() -> None:
+                    await asyncio.gather(*(server.wait_healthy() for server in servers))
+                    await _drive(scenario, servers, token, tmp, result, drain_seconds)
+
+                asyncio.run(main())
+            finally:
+                for server in servers:
+                    server.stop()
+    return result
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cores": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run(quick: bool = False, names: list[str] | None = None, app_dir: Path = REPO,
+        drain_seconds: float = 60.0) -> dict[str, Any]:
+    """Run the scenarios; returns {"machine": …, "fanout": [result, …]} (for bench/run.py)."""
+    chosen = QUICK if quick else SCENARIOS
+    if names:
+        chosen = [s for s in SCENARIOS + QUICK if s.name in names]
+    results = []
+    for scenario in chosen:
+        print(f"fan-out {scenario.name}: S={scenario.subscribers} M={scenario.changes} "
+              f"at {scenario.rate}/s, {scenario.instances} instance(s)…", file=sys.stderr,
+              flush=True)
+        result = run_scenario(scenario, app_dir, drain_seconds)
+        print("  " + json.dumps(asdict(result)), file=sys.stderr, flush=True)
+        results.append(asdict(result))
+    return {"machine": machine(), "app_dir": str(app_dir), "fanout": results}
+
+
+def print_table(report: dict[str, Any]) -> None:
+    header = ("scenario", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
+              "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99")
+    print(" | ".join(header))
+    for r in report["fanout"]:
+        if r["skipped"]:
+            print(f"{r['scenario']} | skipped: {r['skipped']}")
+            continue
+        print(" | ".join(str(x) for x in (
+            r["scenario"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
+            r["delivery_p99_ms"], r["lost"], r["out_of_order"], r["errors"],
+            r["rss_per_subscriber_kib"], r["server_cpu_per_delivery_ms"],
+            r["mutation_p50_ms"], r["mutation_p99_ms"],
+        )))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json", action="store_true", help="print one JSON object last")
+    parser.add_argument("--scenario", action="append", dest="names")
+    parser.add_argument("--app-dir", type=Path, default=REPO)
+    parser.add_argument("--drain-seconds", type=float, default=60.0)
+    args = parser.parse_args()
+    report = run(args.quick, args.names, args.app_dir.resolve(), args.drain_seconds)
+    print_table(report)
+    if args.json:
+        print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
