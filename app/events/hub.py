@@ -203,6 +203,8 @@ class LogHub(LocalHub):
             head = await self._log_head(product_id)
             # Two first subscribers may race; the lower mark only costs a re-delivery.
             self._delivered[product_id] = min(self._delivered.get(product_id, head), head)
+            # What was published while the head was read went to nobody: read it again.
+            self._request_catch_up([product_id])
         try:
             async with super().subscribe(product_id) as subscriber:
                 yield subscriber
