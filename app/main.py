@@ -79,7 +79,8 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         # Many instances may share this database: wake each other with LISTEN/NOTIFY.
         pg_hub = PostgresHub(event_db, settings.database_url,
                              max_queue=settings.subscriber_queue_size,
-                             poll_seconds=settings.hub_poll_seconds)
+                             poll_seconds=settings.hub_poll_seconds,
+                             retry_seconds=settings.stream_retry_seconds)
         # Token checks are cached only while revoke notifications can arrive.
         tokens = TokenGuard(db, cache_seconds=settings.token_cache_seconds,
                             check_seconds=settings.token_check_seconds,
@@ -88,7 +89,8 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         hub = pg_hub
     else:
         hub = LogHub(event_db, max_queue=settings.subscriber_queue_size,
-                     poll_seconds=settings.hub_poll_seconds)
+                     poll_seconds=settings.hub_poll_seconds,
+                     retry_seconds=settings.stream_retry_seconds)
         tokens = TokenGuard(db, check_seconds=settings.token_check_seconds)
     fleet = FleetService(
         FleetPolicy(

@@ -17,7 +17,8 @@ Measured per scenario:
 * delivery latency commit → receive: the client's wall clock at receipt minus the
   event's `at` (stamped by the server just before its commit; same machine clock),
   p50/p99 over every (subscriber, event);
-* events lost: expected S x (M + 1 probe) minus what arrived, after a drain deadline;
+* events lost: expected S x (submits that succeeded + 1 probe) minus what arrived by
+  the drain deadline (late counts as lost; a subscriber that failed loses the rest);
   every subscriber's cursors are also checked to be consecutive (order, no duplicate);
 * RSS per subscriber: the serving process's RSS growth from before the first
   subscriber to after all are live, / S;
@@ -451,7 +452,9 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
             client.join(timeout=30)
     latencies = [value for outcome in outcomes for value in outcome["latencies"]]
     received = sum(outcome["received"] for outcome in outcomes)
-    result.lost = scenario.subscribers * (scenario.changes + 1) - received
+    # Only changes that committed make events: a refused submit is counted apart.
+    committed = scenario.changes - result.mutation_errors + 1
+    result.lost = scenario.subscribers * committed - received
     result.out_of_order = sum(outcome["out_of_order"] for outcome in outcomes)
     result.errors += sum(outcome["errors"] for outcome in outcomes)
     result.delivery_p50_ms = percentile(latencies, 0.50)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
@@ -36,6 +37,7 @@ from sqlalchemy import select
 from app.auth.models import Product
 from app.events import repository
 from app.events.outbox import EventRecord
+from app.events.retry import with_retry
 from app.tasks import cancel_and_wait
 from app.uow import Database
 
@@ -137,16 +139,18 @@ class LogHub(LocalHub):
     mutations use); `poll_seconds` is FLEET_HUB_POLL_SECONDS.
     """
 
-    def __init__(self, db: Database, *, max_queue: int = 1_000, poll_seconds: float = 1.0
-                 ) -> None:
+    def __init__(self, db: Database, *, max_queue: int = 1_000, poll_seconds: float = 1.0,
+                 retry_seconds: float = 30.0) -> None:
         super().__init__(max_queue=max_queue)
         self.db = db
         self.poll_seconds = poll_seconds
+        self.retry_seconds = retry_seconds  # how long a subscribe rides out a blip
         # The highest sequence delivered here in order, per product with live subscribers.
         self._delivered: dict[str, int] = {}
         # Events that arrived ahead of a missing one, per product, by sequence.
         self._held: dict[str, dict[int, EventRecord]] = {}
         self._pending: set[str] = set()
+        self._opening: dict[str, asyncio.Future[int]] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         # Observable counters (logs, tests): poll passes that found missing events, and
@@ -200,11 +204,19 @@ class LogHub(LocalHub):
     @asynccontextmanager
     async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
         if product_id not in self._delivered:
-            head = await self._log_head(product_id)
-            # Two first subscribers may race; the lower mark only costs a re-delivery.
-            self._delivered[product_id] = min(self._delivered.get(product_id, head), head)
-            # What was published while the head was read went to nobody: read it again.
-            self._request_catch_up([product_id])
+            # The first subscribers of a product share one read of the log's head.
+            opening = self._opening.get(product_id)
+            if opening is None:
+                opening = asyncio.ensure_future(
+                    with_retry(functools.partial(self._log_head, product_id), self.retry_seconds)
+                )
+                self._opening[product_id] = opening
+                opening.add_done_callback(lambda _: self._opening.pop(product_id, None))
+            head = await asyncio.shield(opening)
+            if product_id not in self._delivered:
+                self._delivered[product_id] = head
+                # What was published while the head was read went to nobody: read again.
+                self._request_catch_up([product_id])
         try:
             async with super().subscribe(product_id) as subscriber:
                 yield subscriber

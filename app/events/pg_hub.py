@@ -80,8 +80,10 @@ class PostgresHub(LogHub):
         max_queue: int = 1_000,
         poll_seconds: float = 1.0,
         notifier: Notifier | None = None,
+        retry_seconds: float = 30.0,
     ) -> None:
-        super().__init__(db, max_queue=max_queue, poll_seconds=poll_seconds)
+        super().__init__(db, max_queue=max_queue, poll_seconds=poll_seconds,
+                         retry_seconds=retry_seconds)
         self.dsn = listen_dsn(database_url)
         self.notifier: Notifier = notifier or self.send_notifications
         self._connection: asyncpg.Connection | None = None

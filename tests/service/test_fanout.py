@@ -164,7 +164,8 @@ async def test_across_instances_each_new_event_is_read_once_per_instance(
     for seqs in results:
         assert seqs == list(range(1, CHANGES + 1))
     assert reads["count"] == replay_reads  # no subscriber read the log for live events
-    assert 1 <= hub_of(instance_b).log_reads - log_reads <= CHANGES
+    # one read per wake-up at most (+1: the catch-up of the product's first subscribers)
+    assert 1 <= hub_of(instance_b).log_reads - log_reads <= CHANGES + 1
 
 
 async def _take(stream: Any, count: int) -> list[int]:
