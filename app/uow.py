@@ -98,9 +98,9 @@ class Database:
     def __init__(self, engine: AsyncEngine, on_commit: CommitHook | None = None) -> None:
         self.engine = engine
         self.on_commit = on_commit
-        # Fault seam (tests): awaited in the caller's task right after a commit, before
-        # its events are published, e.g. to cancel the caller at the worst moment.
-        self.after_commit: Callable[[], Awaitable[None]] | None = None
+        # Fault seam (tests): awaited with the committed events in the caller's task right
+        # after a commit, before they are published (to cancel the caller just there).
+        self.after_commit: CommitHook | None = None
         self._reader = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
         self._writer = async_sessionmaker(
             writer_engine(engine), expire_on_commit=False, autoflush=False
@@ -144,7 +144,7 @@ class Database:
             async with self.session(self._writer, commit=True, committed=committed) as session:
                 yield session
             if self.after_commit is not None:
-                await self.after_commit()
+                await self.after_commit(committed[0])
         finally:
             if committed and committed[0] and self.on_commit is not None:
                 await run_to_completion(self.on_commit(committed[0]))

@@ -116,7 +116,9 @@ async def test_an_events_job_is_read_once_for_all_subscribers_and_never_from_the
         # subscribers that selected the job, and deliveries took nothing from the pool
         # that requests use: only the submits did
         assert 1 <= entities.queries - queries <= CHANGES
-        assert during[0] <= CHANGES * per_submit
+        # (a submit takes a few: its token check, maybe the token's last use, its unit of
+        # work; reading the job per delivery there would take 20 x CHANGES)
+        assert during[0] <= CHANGES * max(per_submit, 3)
 
         await a.close()
         await b.close()
