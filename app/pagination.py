@@ -1,4 +1,9 @@
-"""Keyset pagination over ascending integer ids, with opaque cursors."""
+"""Keyset pagination over ascending integer ids, with opaque cursors (DESIGN §6).
+
+A `Page` carries every node's cursor, so a GraphQL connection can answer both
+`nodes` and Relay's `edges { cursor node }` with `pageInfo { startCursor endCursor
+hasNextPage hasPreviousPage }`.
+"""
 
 from __future__ import annotations
 
@@ -18,9 +23,22 @@ MAX_CURSOR_ID = 2**31 - 1
 
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
+    """One page: `nodes` in order, `cursors[i]` the cursor of `nodes[i]`;
+    `has_previous_page` is True when the page was read after a cursor (there were
+    nodes before it: Relay allows that answer for forward paging)."""
+
     nodes: Sequence[T]
-    end_cursor: str | None
+    cursors: Sequence[str]
     has_next_page: bool
+    has_previous_page: bool = False
+
+    @property
+    def start_cursor(self) -> str | None:
+        return self.cursors[0] if self.cursors else None
+
+    @property
+    def end_cursor(self) -> str | None:
+        return self.cursors[-1] if self.cursors else None
 
 
 def encode_cursor(kind: str, ident: int) -> str:
@@ -44,9 +62,17 @@ def decode_cursor(kind: str, cursor: str | None, field: str = "after") -> int | 
     return int(ident)
 
 
-def make_page(kind: str, rows: Sequence[T], first: int, ident: Callable[[T], int]) -> Page[T]:
-    """`rows` were fetched with `limit first + 1`; the extra row only says there is more."""
+def make_page(
+    kind: str, rows: Sequence[T], first: int, ident: Callable[[T], int],
+    *, after: str | None = None,
+) -> Page[T]:
+    """`rows` were fetched with `limit first + 1`; the extra row only says there is more.
+    `after` is the cursor the page was read after (None for a first page)."""
     nodes = rows[:first]
-    end = encode_cursor(kind, ident(nodes[-1])) if nodes else None
-    return Page(nodes=nodes, end_cursor=end, has_next_page=len(rows) > first)
+    return Page(
+        nodes=nodes,
+        cursors=[encode_cursor(kind, ident(node)) for node in nodes],
+        has_next_page=len(rows) > first,
+        has_previous_page=after is not None,
+    )
 

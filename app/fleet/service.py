@@ -127,7 +127,7 @@ class FleetService:
             session, product_id, stage=stage, tracker_item_id=tracker_item_id,
             after_id=decode_cursor(JOB_CURSOR, after), limit=first + 1,
         )
-        return make_page(JOB_CURSOR, rows, first, lambda job: job.id)
+        return make_page(JOB_CURSOR, rows, first, lambda job: job.id, after=after)
 
     async def first_job_pages(
         self, session: AsyncSession, product_id: str, item_ids: Sequence[int], *, first: int

@@ -14,16 +14,23 @@ from app.errors import BadUserInputError
 from app.fleet.models import Priority
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec, MetricsDelta
+from app.graphql import enums as _enums  # noqa: F401  (registers the GraphQL enums)
 from app.tracker.models import ItemStatus
 from app.tracker.service import ItemChanges, NewItem
 
 
-@strawberry.input
+@strawberry.input(description="A new tracker item.")
 class CreateItemInput:
-    title: str
-    description: str | None = None
-    labels: list[str] | None = None
-    status: ItemStatus | None = None
+    title: str = strawberry.field(description="One-line summary (required, not blank).")
+    description: str | None = strawberry.field(
+        default=None, description="The full text (Markdown)."
+    )
+    labels: list[str] | None = strawberry.field(
+        default=None, description="Labels; `engine-class:X`, `cap:X`… carry job hints."
+    )
+    status: ItemStatus | None = strawberry.field(
+        default=None, description="Initial status; TODO when null."
+    )
 
     def to_spec(self) -> NewItem:
         return NewItem(
@@ -38,12 +45,16 @@ class CreateItemInput:
         )
 
 
-@strawberry.input
+@strawberry.input(description="Changes to a tracker item; a null field is left as it is.")
 class UpdateItemInput:
-    title: str | None = None
-    description: str | None = None
-    labels: list[str] | None = None
-    status: ItemStatus | None = None
+    title: str | None = strawberry.field(default=None, description="New one-line summary.")
+    description: str | None = strawberry.field(
+        default=None, description="New full text (Markdown)."
+    )
+    labels: list[str] | None = strawberry.field(
+        default=None, description="New labels (replace the old ones)."
+    )
+    status: ItemStatus | None = strawberry.field(default=None, description="New status.")
 
     def to_spec(self) -> ItemChanges:
         return ItemChanges(
@@ -79,19 +90,35 @@ def _budget(field: str, value: float | None) -> float | None:
     return value
 
 
-@strawberry.input
+@strawberry.input(description="A new job.")
 class SubmitJobInput:
-    title: str
-    body_md: str
-    kind: str | None = None
-    priority: Priority | None = None
-    capabilities: list[str] | None = None
-    engine_class: str | None = None
-    profile: str | None = None
-    budget: float | None = None
-    max_attempts: int | None = None
-    idempotency_key: str | None = None
-    tracker_item_id: strawberry.ID | None = None
+    title: str = strawberry.field(description="One-line summary (required, not blank).")
+    body_md: str = strawberry.field(description="What to do (Markdown; required, not blank).")
+    kind: str | None = strawberry.field(default=None, description="Kind of work; `code` when null.")
+    priority: Priority | None = strawberry.field(
+        default=None, description="How urgent; NORMAL when null."
+    )
+    capabilities: list[str] | None = strawberry.field(
+        default=None, description="Capabilities a worker must all have to claim it."
+    )
+    engine_class: str | None = strawberry.field(
+        default=None, description="Engine class a worker must offer; null for any."
+    )
+    profile: str | None = strawberry.field(
+        default=None, description="Profile a worker must offer; null for any."
+    )
+    budget: float | None = strawberry.field(
+        default=None, description="Spending limit in USD: a reported cost beyond it fails the job."
+    )
+    max_attempts: int | None = strawberry.field(
+        default=None, description="Attempts allowed (default 3)."
+    )
+    idempotency_key: str | None = strawberry.field(
+        default=None, description="Your key: a second submit with it answers the first job."
+    )
+    tracker_item_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The tracker item the job is for, if any."
+    )
 
     def to_spec(self, tracker_item_id: int | None) -> JobSpec:
         return JobSpec(
@@ -115,15 +142,19 @@ class SubmitJobInput:
         )
 
 
-@strawberry.input
+@strawberry.input(description="Hints for `ingestItemAsJob`; each overrides the item's label hint.")
 class IngestOptions:
-    priority: Priority | None = None
-    capabilities: list[str] | None = None
-    engine_class: str | None = None
-    profile: str | None = None
-    kind: str | None = None
-    max_attempts: int | None = None
-    budget: float | None = None
+    priority: Priority | None = strawberry.field(default=None, description="How urgent.")
+    capabilities: list[str] | None = strawberry.field(
+        default=None, description="Capabilities a worker must all have."
+    )
+    engine_class: str | None = strawberry.field(
+        default=None, description="Engine class a worker must offer."
+    )
+    profile: str | None = strawberry.field(default=None, description="Profile a worker must offer.")
+    kind: str | None = strawberry.field(default=None, description="Kind of work.")
+    max_attempts: int | None = strawberry.field(default=None, description="Attempts allowed.")
+    budget: float | None = strawberry.field(default=None, description="Spending limit in USD.")
 
     def to_spec(self) -> IngestOptionsSpec:
         return IngestOptionsSpec(
@@ -148,13 +179,23 @@ def lease_seconds(field: str, value: int | None) -> int | None:
     )
 
 
-@strawberry.input
+@strawberry.input(description="A worker asking for a job, and what it offers.")
 class WorkerInput:
-    worker_id: str
-    capabilities: list[str] | None = None
-    engine_classes: list[str] | None = None
-    profiles: list[str] | None = None
-    lease_seconds: int | None = None
+    worker_id: str = strawberry.field(
+        description="The worker's name, stored on the lease (required)."
+    )
+    capabilities: list[str] | None = strawberry.field(
+        default=None, description="Capabilities the worker has."
+    )
+    engine_classes: list[str] | None = strawberry.field(
+        default=None, description="Engine classes the worker runs."
+    )
+    profiles: list[str] | None = strawberry.field(
+        default=None, description="Profiles the worker offers."
+    )
+    lease_seconds: int | None = strawberry.field(
+        default=None, description="Lease length in seconds; null for FLEET_LEASE_SECONDS."
+    )
 
     def to_profile(self) -> WorkerProfile:
         return WorkerProfile(
@@ -167,11 +208,11 @@ class WorkerInput:
         )
 
 
-@strawberry.input
+@strawberry.input(description="Usage to add to a job's totals.")
 class JobMetricsInput:
-    cost_usd: float | None = None
-    tokens_in: int | None = None
-    tokens_out: int | None = None
+    cost_usd: float | None = strawberry.field(default=None, description="Cost in USD to add.")
+    tokens_in: int | None = strawberry.field(default=None, description="Input tokens to add.")
+    tokens_out: int | None = strawberry.field(default=None, description="Output tokens to add.")
 
     def to_delta(self) -> MetricsDelta:
         return MetricsDelta(

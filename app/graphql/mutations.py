@@ -6,6 +6,8 @@ Each mutation field is its own unit of work; the events it records are published
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import strawberry
 from strawberry.types import Info
 
@@ -49,15 +51,37 @@ async def _answer(info: Info[Context, None], row: JobModel) -> Job:
     return Job.from_model(row)
 
 
+JobId = Annotated[strawberry.ID, strawberry.argument(description="The job's id.")]
+ItemId = Annotated[strawberry.ID, strawberry.argument(description="The tracker item's id.")]
+Fence = Annotated[
+    int, strawberry.argument(description="The fence of the caller's lease (`Lease.fence`).")
+]
+Reason = Annotated[
+    str | None, strawberry.argument(description="Why, in a few words (kept on the job).")
+]
+LeaseSeconds = Annotated[
+    int | None,
+    strawberry.argument(
+        description="Lease length in seconds; null for the server's FLEET_LEASE_SECONDS."
+    ),
+]
+
+
 def _lease_of(job: Job) -> Lease:
     assert job.lease is not None
     return job.lease
 
 
-@strawberry.type
+@strawberry.type(
+    description="Writes. Each mutation is one transaction; its events are published "
+    "after it commits."
+)
 class Mutation:
-    @strawberry.mutation
-    async def create_item(self, info: Info[Context, None], input: CreateItemInput) -> Item:
+    @strawberry.mutation(description="Create a tracker item (member).")
+    async def create_item(
+        self, info: Info[Context, None],
+        input: Annotated[CreateItemInput, strawberry.argument(description="The new item.")],
+    ) -> Item:
         principal = info.context.require(Permission.TRACKER)
         spec = input.to_spec()
         async with info.context.db.unit_of_work() as session:
@@ -66,9 +90,14 @@ class Mutation:
             )
         return Item.from_model(row)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Change a tracker item; only the fields given change (member). Setting "
+        "CANCELLED cancels its unfinished jobs."
+    )
     async def update_item(
-        self, info: Info[Context, None], id: strawberry.ID, input: UpdateItemInput
+        self, info: Info[Context, None],
+        id: Annotated[strawberry.ID, strawberry.argument(description="The item's id.")],
+        input: Annotated[UpdateItemInput, strawberry.argument(description="The changes.")],
     ) -> Item:
         principal = info.context.require(Permission.TRACKER)
         item_id = require_id("item", id)
@@ -79,9 +108,10 @@ class Mutation:
             )
         return Item.from_model(row)
 
-    @strawberry.mutation
+    @strawberry.mutation(description="Comment on a tracker item (member).")
     async def add_comment(
-        self, info: Info[Context, None], item_id: strawberry.ID, body: str
+        self, info: Info[Context, None], item_id: ItemId,
+        body: Annotated[str, strawberry.argument(description="The text (Markdown).")],
     ) -> Comment:
         principal = info.context.require(Permission.TRACKER)
         item_row_id = require_id("item", item_id)
@@ -92,9 +122,12 @@ class Mutation:
             )
         return Comment.from_model(row)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Queue a job (member); idempotent on `input.idempotencyKey`."
+    )
     async def submit_job(
-        self, info: Info[Context, None], input: SubmitJobInput
+        self, info: Info[Context, None],
+        input: Annotated[SubmitJobInput, strawberry.argument(description="The job.")],
     ) -> SubmitJobPayload:
         principal = info.context.require(Permission.TRACKER)
         item_id = (
@@ -107,10 +140,16 @@ class Mutation:
             )
         return SubmitJobPayload(job=await _answer(info, result.job), outcome=result.outcome)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Turn a tracker item into a job (member; DESIGN §4). Label hints "
+        "apply; a re-ingest dedupes while the item's job has not ended."
+    )
     async def ingest_item_as_job(
-        self, info: Info[Context, None], item_id: strawberry.ID,
-        options: IngestOptions | None = None,
+        self, info: Info[Context, None], item_id: ItemId,
+        options: Annotated[
+            IngestOptions | None,
+            strawberry.argument(description="Hints that override the item's labels."),
+        ] = None,
     ) -> SubmitJobPayload:
         principal = info.context.require(Permission.TRACKER)
         item_row_id = require_id("item", item_id)
@@ -121,18 +160,27 @@ class Mutation:
             )
         return SubmitJobPayload(job=await _answer(info, result.job), outcome=result.outcome)
 
-    @strawberry.mutation
-    async def echo_job_to_item(
-        self, info: Info[Context, None], job_id: strawberry.ID
-    ) -> EchoPayload:
+    @strawberry.mutation(
+        description="Write a job's stage back onto its tracker item now (member). A failed "
+        "write is answered in `error`, not raised, and retried by the sweeper."
+    )
+    async def echo_job_to_item(self, info: Info[Context, None], job_id: JobId) -> EchoPayload:
         principal = info.context.require(Permission.TRACKER)
         result = await info.context.services.bridge.echo_job(
             principal.product_id, require_id("job", job_id)
         )
         return EchoPayload.from_result(result)
 
-    @strawberry.mutation
-    async def claim_next_job(self, info: Info[Context, None], worker: WorkerInput) -> ClaimPayload:
+    @strawberry.mutation(
+        description="Claim the best eligible queued job for this worker (worker; DESIGN "
+        "§3): it becomes ASSIGNED under a new lease. `job` is null when none is eligible."
+    )
+    async def claim_next_job(
+        self, info: Info[Context, None],
+        worker: Annotated[
+            WorkerInput, strawberry.argument(description="Who claims and what it offers.")
+        ],
+    ) -> ClaimPayload:
         principal = info.context.require(Permission.WORK)
         profile = worker.to_profile()
         seconds = check_lease_seconds("worker.leaseSeconds", worker.lease_seconds)
@@ -145,10 +193,13 @@ class Mutation:
         job = await _answer(info, row)
         return ClaimPayload(job=job, lease=_lease_of(job))
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Extend the caller's lease (worker). A stale fence or a lapsed lease "
+        "is CONFLICT."
+    )
     async def heartbeat(
-        self, info: Info[Context, None], job_id: strawberry.ID, fence: int,
-        lease_seconds: int | None = None,
+        self, info: Info[Context, None], job_id: JobId, fence: Fence,
+        lease_seconds: LeaseSeconds = None,
     ) -> Lease:
         principal = info.context.require(Permission.WORK)
         job_row_id = require_id("job", job_id)
@@ -159,16 +210,28 @@ class Mutation:
             )
         return _lease_of(Job.from_model(row))
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Move a held job to another stage (worker; DESIGN §2). A stale fence, "
+        "a lapsed lease or a move outside the stage graph is CONFLICT and changes nothing."
+    )
     async def transition_job(
         self,
         info: Info[Context, None],
-        job_id: strawberry.ID,
-        fence: int,
-        to: JobStage,
-        metrics: JobMetricsInput | None = None,
-        reason: str | None = None,
-        retryable: bool | None = False,
+        job_id: JobId,
+        fence: Fence,
+        to: Annotated[JobStage, strawberry.argument(description="The stage to move to.")],
+        metrics: Annotated[
+            JobMetricsInput | None,
+            strawberry.argument(description="Cost and tokens to add to the job's totals."),
+        ] = None,
+        reason: Reason = None,
+        retryable: Annotated[
+            bool | None,
+            strawberry.argument(
+                description="With `to: FAILED`: queue the job again (after a backoff) "
+                "while attempts remain."
+            ),
+        ] = False,
     ) -> Job:
         principal = info.context.require(Permission.WORK)
         job_row_id = require_id("job", job_id)
@@ -181,10 +244,12 @@ class Mutation:
             )
         return await _answer(info, row)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Give a held job back (worker): QUEUED at once, fence raised, the "
+        "attempt it used not counted."
+    )
     async def release_job(
-        self, info: Info[Context, None], job_id: strawberry.ID, fence: int,
-        reason: str | None = None,
+        self, info: Info[Context, None], job_id: JobId, fence: Fence, reason: Reason = None,
     ) -> Job:
         principal = info.context.require(Permission.WORK)
         job_row_id = require_id("job", job_id)
@@ -195,9 +260,12 @@ class Mutation:
             )
         return await _answer(info, row)
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Cancel a job that has not ended (member); its holder's next write "
+        "is CONFLICT."
+    )
     async def cancel_job(
-        self, info: Info[Context, None], job_id: strawberry.ID, reason: str | None = None
+        self, info: Info[Context, None], job_id: JobId, reason: Reason = None
     ) -> Job:
         principal = info.context.require(Permission.TRACKER)
         job_row_id = require_id("job", job_id)
@@ -208,8 +276,8 @@ class Mutation:
             )
         return await _answer(info, row)
 
-    @strawberry.mutation
-    async def retry_job(self, info: Info[Context, None], job_id: strawberry.ID) -> Job:
+    @strawberry.mutation(description="Queue a FAILED or CANCELLED job again (member).")
+    async def retry_job(self, info: Info[Context, None], job_id: JobId) -> Job:
         principal = info.context.require(Permission.TRACKER)
         job_row_id = require_id("job", job_id)
         async with info.context.db.unit_of_work() as session:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import strawberry
 from strawberry.types import Info
@@ -78,12 +78,28 @@ async def _changes(
             yield record, row
 
 
-@strawberry.type
+EventAfter = Annotated[
+    str | None,
+    strawberry.argument(
+        description="Replay the stored events after this cursor (an event's `cursor` or "
+        "`viewer.eventCursor`) before going live, with no gap and no duplicate."
+    ),
+]
+
+
+@strawberry.type(
+    description="Live changes of the caller's product, served over the websocket "
+    "(graphql-transport-ws or graphql-ws) at /graphql, never over plain HTTP."
+)
 class Subscription:
-    @strawberry.subscription
+    @strawberry.subscription(description="Every stage change of jobs (creation included).")
     async def job_stage_changed(
-        self, info: Info[Context, None], job_id: strawberry.ID | None = None,
-        after: str | None = None,
+        self, info: Info[Context, None],
+        job_id: Annotated[
+            strawberry.ID | None,
+            strawberry.argument(description="Only this job's changes; null for every job."),
+        ] = None,
+        after: EventAfter = None,
     ) -> AsyncGenerator[JobStageEvent, None]:
         changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
             info, JOB_STAGE_EVENTS, "jobId", job_id, after, "job",
@@ -93,10 +109,15 @@ class Subscription:
             async for record, job in changes:
                 yield JobStageEvent.from_record(record, job)
 
-    @strawberry.subscription
+    @strawberry.subscription(description="Every status change of tracker items (creation "
+                             "included).")
     async def item_status_changed(
-        self, info: Info[Context, None], item_id: strawberry.ID | None = None,
-        after: str | None = None,
+        self, info: Info[Context, None],
+        item_id: Annotated[
+            strawberry.ID | None,
+            strawberry.argument(description="Only this item's changes; null for every item."),
+        ] = None,
+        after: EventAfter = None,
     ) -> AsyncGenerator[ItemStatusEvent, None]:
         changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
             info, ITEM_STATUS_EVENTS, "itemId", item_id, after, "item",

@@ -61,7 +61,7 @@ async def list_items(
         after_id=decode_cursor(ITEM_CURSOR, after),
         limit=first + 1,
     )
-    return make_page(ITEM_CURSOR, rows, first, lambda item: item.id)
+    return make_page(ITEM_CURSOR, rows, first, lambda item: item.id, after=after)
 
 
 async def list_comments(
@@ -71,7 +71,7 @@ async def list_comments(
         session, product_id, item_id, after_id=decode_cursor(COMMENT_CURSOR, after),
         limit=first + 1,
     )
-    return make_page(COMMENT_CURSOR, rows, first, lambda comment: comment.id)
+    return make_page(COMMENT_CURSOR, rows, first, lambda comment: comment.id, after=after)
 
 
 async def first_comment_pages(

@@ -209,6 +209,20 @@ def test_make_page_uses_the_extra_row_only_to_say_there_is_more() -> None:
     assert empty.has_next_page is False
 
 
+def test_make_page_gives_every_node_its_cursor_and_says_when_a_page_came_after_one() -> None:
+    first = make_page("job", [10, 20, 30], 2, lambda row: row)
+    assert [decode_cursor("job", cursor) for cursor in first.cursors] == [10, 20]
+    assert (first.start_cursor, first.end_cursor) == (first.cursors[0], first.cursors[1])
+    assert first.has_previous_page is False
+
+    second = make_page("job", [30], 2, lambda row: row, after=first.end_cursor)
+    assert second.has_previous_page is True
+    assert second.start_cursor == second.end_cursor == second.cursors[0]
+
+    empty = make_page("job", [], 2, lambda row: row, after=second.end_cursor)
+    assert (empty.start_cursor, empty.end_cursor, empty.has_previous_page) == (None, None, True)
+
+
 # -- event cursors ---------------------------------------------------------------
 
 
