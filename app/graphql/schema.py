@@ -1,7 +1,8 @@
 """The schema, its guards (depth, token and alias limits) and error handling.
 
 Errors the service raises on purpose (`FleetError`) reach the client with their
-`extensions.code`.  Parse and validation errors get `GRAPHQL_VALIDATION_FAILED`.
+`extensions.code`.  A document that does not parse gets `GRAPHQL_PARSE_FAILED`;
+one that does not validate (or breaks a guard) `GRAPHQL_VALIDATION_FAILED`.
 Anything else is logged with its traceback and masked as `INTERNAL_SERVER_ERROR`.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 
 import strawberry
-from graphql import GraphQLError
+from graphql import GraphQLError, GraphQLSyntaxError
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
@@ -57,6 +58,16 @@ def _is_unexpected(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, FleetError | GraphQLError)
 
 
+def request_error_code(error: GraphQLError) -> str:
+    """The code of an error found before execution: a syntax error is
+    GRAPHQL_PARSE_FAILED, anything else (validation, guards) GRAPHQL_VALIDATION_FAILED."""
+    if isinstance(error, GraphQLSyntaxError) or isinstance(
+        error.original_error, GraphQLSyntaxError
+    ):
+        return "GRAPHQL_PARSE_FAILED"
+    return "GRAPHQL_VALIDATION_FAILED"
+
+
 class MaskUnexpectedErrors(MaskErrors):
     def __init__(self) -> None:
         super().__init__(should_mask_error=_is_unexpected, error_message="Unexpected error.")
@@ -83,7 +94,7 @@ class MaskUnexpectedErrors(MaskErrors):
         processed = super()._process_errors(errors)
         for error in processed:
             if not error.extensions or "code" not in error.extensions:
-                error.extensions = {**(error.extensions or {}), "code": "GRAPHQL_VALIDATION_FAILED"}
+                error.extensions = {**(error.extensions or {}), "code": request_error_code(error)}
         return processed
 
 

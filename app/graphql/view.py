@@ -3,6 +3,11 @@
 Over HTTP the token comes in the `Authorization: Bearer …` header; over a
 websocket in the `connection_init` payload (`{"authorization": "Bearer …"}`), and
 an anonymous or unknown token is refused there, before any subscription starts.
+
+HTTP follows the GraphQL-over-HTTP conventions of app.graphql.transport:
+`application/graphql-response+json` when the client prefers it, request errors as
+4xx without `data`, subscriptions refused (websocket only), a refused request
+answered as a JSON `{"errors": [...]}` body with `extensions.code` BAD_REQUEST.
 """
 
 from __future__ import annotations
@@ -11,20 +16,38 @@ import asyncio
 import contextlib
 from typing import Any
 
-from cross_web import HTTPException
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
-from strawberry.exceptions import ConnectionRejectionError
+from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
 from app.auth.service import Principal, parse_bearer
 from app.errors import StoreUnavailableError
 from app.graphql.context import Context, Services
+from app.graphql.transport import (
+    GRAPHQL_RESPONSE_JSON,
+    SUBSCRIPTION_OVER_HTTP,
+    is_request_error,
+    prefers_graphql_response_json,
+)
 from app.web import GRAPHIQL_HTML, html_page
+
+
+class RequestRefused(HTTPException):
+    """A request refused before execution, with the headers its status calls for."""
+
+    def __init__(self, status_code: int, reason: str, headers: dict[str, str]) -> None:
+        super().__init__(status_code, reason)
+        self.headers = headers
 
 
 class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
@@ -50,6 +73,99 @@ class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
 
 class FleetGraphQL(GraphQL[Context, None]):
     graphql_ws_handler_class = LegacyGraphQLWSHandler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if scope["type"] == "websocket":  # the connection is over: stop tracking it
+                    services: Services = scope["app"].state.services
+                    services.tokens.forget(scope)
+            return
+        request = Request(scope=scope, receive=receive)
+        graphql_json = prefers_graphql_response_json(request.headers.get("accept"))
+        response: Response
+        try:
+            response = await self.run(request)
+        except HTTPException as exc:
+            response = JSONResponse(
+                {"errors": [{"message": exc.reason, "extensions": {"code": "BAD_REQUEST"}}]},
+                status_code=exc.status_code,
+                headers=exc.headers if isinstance(exc, RequestRefused) else None,
+            )
+        if graphql_json and response.media_type == "application/json":
+            response.headers["content-type"] = GRAPHQL_RESPONSE_JSON
+            if getattr(request.state, "graphql_request_error", False):
+                response.status_code = 400
+        await response(scope, receive, send)
+
+    async def execute_operation(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        request_data: GraphQLRequestData | list[GraphQLRequestData],
+        context: Context,
+        root_value: None,
+        sub_response: Response,
+    ) -> Any:
+        """Subscriptions stream over the websocket only: strawberry's HTTP streaming
+        transports (multipart, SSE) are refused like a subscription over POST."""
+        if isinstance(request_data, GraphQLRequestData) and request_data.protocol != "http":
+            raise HTTPException(400, SUBSCRIPTION_OVER_HTTP)
+        return await super().execute_operation(
+            request, request_adapter, request_data, context, root_value, sub_response
+        )
+
+    async def execute_single(
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        """strawberry's, without subscriptions over HTTP (400, saying where they are
+        served) and with a mutation over GET answered 405 `Allow: POST`."""
+        allowed = OperationType.from_http(request_adapter.method) - {OperationType.SUBSCRIPTION}
+        if not self.allow_queries_via_get and request_adapter.method == "GET":
+            allowed -= {OperationType.QUERY}
+        try:
+            return await self.schema.execute(
+                request_data.query,
+                root_value=root_value,
+                variable_values=request_data.variables,
+                context_value=context,
+                operation_name=request_data.operation_name,
+                allowed_operation_types=allowed,
+                operation_extensions=request_data.extensions,
+            )
+        except CannotGetOperationTypeError as exc:
+            raise HTTPException(400, exc.as_http_error_reason()) from exc
+        except InvalidOperationTypeError as exc:
+            if exc.operation_type == OperationType.SUBSCRIPTION:
+                raise HTTPException(400, SUBSCRIPTION_OVER_HTTP) from exc
+            if request_adapter.method == "GET" and exc.operation_type == OperationType.MUTATION:
+                raise RequestRefused(
+                    405, "Mutations are served over POST only", {"Allow": "POST"}
+                ) from exc
+            raise HTTPException(400, exc.as_http_error_reason(request_adapter.method)) from exc
+        except MissingQueryError as exc:
+            raise HTTPException(400, "No GraphQL query found in the request") from exc
+
+    async def process_result(
+        self, request: Request, result: ExecutionResult
+    ) -> GraphQLHTTPResponse:
+        """With `application/graphql-response+json`, a request error has no `data` key
+        and is answered 400 (see `__call__`)."""
+        body = await super().process_result(request, result)
+        if prefers_graphql_response_json(request.headers.get("accept")) and is_request_error(
+            result.data, result.errors
+        ):
+            request.state.graphql_request_error = True
+            return {key: value for key, value in body.items() if key != "data"}  # type: ignore[return-value]
+        return body
 
     async def get_context(
         self, request: Request | WebSocket, response: Response | WebSocket
@@ -86,14 +202,6 @@ class FleetGraphQL(GraphQL[Context, None]):
         if isinstance(context.request, WebSocket):  # closed (4403) when the token is revoked
             context.services.tokens.track(context.request, principal)
         return {"productId": principal.product_id, "role": principal.role.value}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            if scope["type"] == "websocket":  # the connection is over: stop tracking it
-                services: Services = scope["app"].state.services
-                services.tokens.forget(scope)
 
     @staticmethod
     async def _authenticate(services: Services, secret: str | None) -> Principal | None:
