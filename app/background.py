@@ -54,10 +54,15 @@ class BackgroundLoops:
         self.fleet = fleet
         self.bridge = bridge
         self._tasks: list[asyncio.Task[None]] = []
+        # Told what each reaper pass took back (app.metrics counts it).
+        self.on_reaped: Callable[[ReapResult], None] | None = None
 
     async def reap_once(self) -> ReapResult:
         async with self.db.unit_of_work() as session:
-            return await self.fleet.reap_expired_leases(session)
+            result = await self.fleet.reap_expired_leases(session)
+        if self.on_reaped is not None:
+            self.on_reaped(result)
+        return result
 
     async def sweep_echoes_once(self) -> int:
         """One sweeper pass; 0 without work when another instance is sweeping."""

@@ -10,6 +10,7 @@ import asyncio
 import logging
 from importlib import metadata
 from pathlib import Path
+from typing import Literal
 
 import typer
 from dotenv import load_dotenv
@@ -57,11 +58,11 @@ def _root(
     """fleetbridge: an issue tracker joined to a fleet of coding agents."""
 
 
-def _configure_logging(level: str) -> None:
+def _configure_logging(level: str, fmt: Literal["text", "json"] = "text") -> None:
+    from app.observability import configure_logging
     from app.redact import install
 
-    logging.basicConfig(level=level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, fmt)  # FLEET_LOG_FORMAT: text or json lines
     install("uvicorn", "uvicorn.error", "uvicorn.access")
 
 
@@ -104,15 +105,19 @@ def serve(
     from app.redact import install, mask_url
 
     settings = _settings()
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format)
     try:
         if is_empty(settings.database_url):
             upgrade(settings.database_url)
     except (SQLAlchemyError, OSError) as exc:
         raise _database_error(exc, settings.database_url) from None
     host, port = host or settings.host, port or settings.port
-    config = uvicorn.Config(create_app(settings), host=host, port=port,
-                            log_level=settings.log_level, ws="websockets-sansio")
+    config = uvicorn.Config(
+        create_app(settings), host=host, port=port, log_level=settings.log_level,
+        ws="websockets-sansio",
+        log_config=None,  # uvicorn's loggers go through _configure_logging's handler
+        access_log=False,  # app.observability logs one line per request
+    )
     install("uvicorn", "uvicorn.error", "uvicorn.access")  # uvicorn set up its handlers
     logging.getLogger("app.cli").info(
         "fleetbridge %s on %s: GraphQL at http://%s:%d/graphql, metrics at /metrics",

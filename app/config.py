@@ -87,6 +87,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65_535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # `text` lines for people, `json` (one object per line) for machines.
+    log_format: Literal["text", "json"] = "text"
     graphiql: bool = True
     # Browser origins (scheme://host[:port]) allowed to call /graphql from another
     # origin, comma-separated; empty means same-origin only.  `*` allows any origin.

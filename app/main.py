@@ -3,7 +3,6 @@ builds the engine, the event hub, the services and the background loops."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -11,7 +10,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -35,6 +33,8 @@ from app.graphql.context import Services
 from app.graphql.schema import schema
 from app.graphql.view import FleetGraphQL
 from app.metrics import ServiceMetrics
+from app.observability import RequestObserver
+from app.readiness import check_ready
 from app.uow import Database
 from app.web import web_routes
 
@@ -107,10 +107,15 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         auto_ingest_label=settings.auto_ingest_label,
     )
     metrics = ServiceMetrics()
+    metrics.count_subscribers(
+        lambda: sum(hub.subscriber_count(product) for product in hub.subscribed_products())
+    )
+    bridge.on_echo_failure = metrics.echo_failures.inc
 
     async def on_commit(records: Sequence[EventRecord]) -> None:
         metrics.observe(records)
         await hub.publish(records)
+        metrics.published(records)
         if settings.tracker_echo:
             await bridge.echo_stage_changes(records)
 
@@ -118,10 +123,11 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
     services = Services(
         settings=settings, db=db, hub=hub, fleet=fleet, bridge=bridge,
         streams=EventStreams(event_db, hub, retry_seconds=settings.stream_retry_seconds),
-        entities=EntityReader(event_db), tokens=tokens,
+        entities=EntityReader(event_db), tokens=tokens, metrics=metrics,
     )
-    return Runtime(services=services, loops=BackgroundLoops(settings, db, fleet, bridge),
-                   metrics=metrics)
+    loops = BackgroundLoops(settings, db, fleet, bridge)
+    loops.on_reaped = metrics.reaped
+    return Runtime(services=services, loops=loops, metrics=metrics)
 
 
 def create_app(
@@ -150,18 +156,18 @@ def create_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        """200 when the database answers and its migrations are at head; else 503 and
+        one warning line (no traceback)."""
         services: Services = request.app.state.services
-        try:  # bounded: a silent partition answers 503 in time, not a hang
-            async with asyncio.timeout(services.settings.db_timeout_seconds):
-                async with services.db.read() as session:
-                    await session.execute(text("SELECT 1"))
-        except Exception:
-            logger.warning("readiness check failed", exc_info=True)
-            return JSONResponse({"status": "unavailable"}, status_code=503)
+        problem = await check_ready(services.db, services.settings.db_timeout_seconds)
+        if problem is not None:
+            logger.warning("not ready: %s", problem)
+            return JSONResponse({"status": "unavailable", "reason": problem}, status_code=503)
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:
         runtime: Runtime = request.app.state.runtime
+        await runtime.metrics.refresh(runtime.services.db)
         return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return Starlette(
@@ -173,7 +179,7 @@ def create_app(
             Route("/metrics", metrics),
             *web_routes(),
         ],
-        middleware=cors_middleware(settings),
+        middleware=[Middleware(RequestObserver), *cors_middleware(settings)],
         lifespan=lifespan,
     )
 

@@ -12,7 +12,7 @@ The item-writing step is a seam (`ItemEchoWriter`) so that a fault can be inject
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Protocol
@@ -85,6 +85,8 @@ class BridgeService:
         self.echo_writer = echo_writer
         self.retry_base_seconds = retry_base_seconds
         self.retry_max_seconds = retry_max_seconds
+        # Called once per failed echo (app.metrics counts them).
+        self.on_echo_failure: Callable[[], None] | None = None
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -136,6 +138,8 @@ class BridgeService:
             raise
         except Exception as exc:
             logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
+            if self.on_echo_failure is not None:
+                self.on_echo_failure()
             await self._schedule_retry(product_id, job_id, attempted)
             return EchoResult(echoed=None, error=_echo_error(exc), item=None)
 

@@ -22,6 +22,7 @@ from app.events.service import EventStreams
 from app.fleet.models import Job
 from app.fleet.service import FleetService
 from app.graphql.snapshot import read_session
+from app.metrics import ServiceMetrics
 from app.pagination import Page
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
@@ -41,6 +42,7 @@ class Services:
     streams: EventStreams
     tokens: TokenGuard
     entities: EntityReader
+    metrics: ServiceMetrics | None = None
 
 
 # (item id, page size, cursor) of one item's page of comments or of jobs.

@@ -6,6 +6,7 @@ Each mutation field is its own unit of work; the events it records are published
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 import strawberry
@@ -184,10 +185,13 @@ class Mutation:
         principal = info.context.require(Permission.WORK)
         profile = worker.to_profile()
         seconds = check_lease_seconds("worker.leaseSeconds", worker.lease_seconds)
+        started = time.perf_counter()
         async with info.context.db.unit_of_work() as session:
             row = await info.context.services.fleet.claim_next_job(
                 session, principal.product_id, profile, lease_seconds=seconds
             )
+        if (metrics := info.context.services.metrics) is not None:
+            metrics.claimed(time.perf_counter() - started, found=row is not None)
         if row is None:
             return ClaimPayload(job=None, lease=None)
         job = await _answer(info, row)

@@ -9,13 +9,16 @@ Anything else is logged with its traceback and masked as `INTERNAL_SERVER_ERROR`
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import strawberry
 from graphql import GraphQLError, GraphQLSyntaxError
+from starlette.requests import Request
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
     MaxTokensLimiter,
+    SchemaExtension,
     ValidationCache,
 )
 from strawberry.extensions.max_aliases import create_validator as alias_limit_rule
@@ -27,6 +30,7 @@ from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
 from app.graphql.snapshot import OneSnapshotPerQuery
 from app.graphql.subscriptions import Subscription
+from app.observability import note_operation
 from app.uow import is_store_failure, store_unavailable
 
 logger = logging.getLogger("app.graphql")
@@ -98,6 +102,21 @@ class MaskUnexpectedErrors(MaskErrors):
         return processed
 
 
+class NoteOperationName(SchemaExtension):
+    """Leave the operation's name (the client's `operationName`, or the name of the
+    document's only operation) for the request log and metrics (app.observability)."""
+
+    def on_operation(self) -> Iterator[None]:
+        yield
+        request = getattr(self.execution_context.context, "request", None)
+        if isinstance(request, Request):
+            try:
+                name = self.execution_context.operation_name
+            except Exception:  # a document that did not parse has no operations
+                name = None
+            note_operation(request.scope, name)
+
+
 class FleetSchema(strawberry.Schema):
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
@@ -111,6 +130,7 @@ schema = FleetSchema(
     mutation=Mutation,
     subscription=Subscription,
     extensions=[
+        NoteOperationName,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         LimitRules,
         lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),

@@ -39,6 +39,7 @@ from app.graphql.transport import (
     is_request_error,
     prefers_graphql_response_json,
 )
+from app.observability import note_outcome, note_principal
 from app.web import GRAPHIQL_HTML, html_page
 
 
@@ -160,6 +161,8 @@ class FleetGraphQL(GraphQL[Context, None]):
         """With `application/graphql-response+json`, a request error has no `data` key
         and is answered 400 (see `__call__`)."""
         body = await super().process_result(request, result)
+        codes = [(error.extensions or {}).get("code") for error in result.errors or ()]
+        note_outcome(request.scope, str(codes[0] or "error") if codes else "ok")
         if prefers_graphql_response_json(request.headers.get("accept")) and is_request_error(
             result.data, result.errors
         ):
@@ -179,6 +182,10 @@ class FleetGraphQL(GraphQL[Context, None]):
                 )
             except StoreUnavailableError as exc:  # answered as an error, not a 500
                 context.auth_failure = exc
+            if context.principal is not None:
+                note_principal(
+                    request.scope, context.principal.product_id, context.principal.role.value
+                )
         return context
 
     async def render_graphql_ide(self, request: Request) -> Response:
