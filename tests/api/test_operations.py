@@ -177,7 +177,8 @@ async def test_one_log_line_per_request_with_its_request_id(
     caplog.clear()
     forged = await worker.http.get("/healthz", headers={"X-Request-ID": "a b\tc"})
     generated = forged.headers["x-request-id"]
-    assert len(generated) == 32 and generated != "a b\tc"
+    assert len(generated) == 32
+    assert generated != "a b\tc"
     (health,) = [r for r in caplog.records if r.name == "app.access"]
     assert (health.operation, health.outcome, health.product) == ("/healthz", "ok", "-")  # type: ignore[attr-defined]
 
@@ -203,3 +204,70 @@ def test_operation_labels_are_bounded(store: str) -> None:
     assert names[:MAX_OPERATION_LABELS] == [f"Op{n}" for n in range(MAX_OPERATION_LABELS)]
     assert set(names[MAX_OPERATION_LABELS:]) == {"other"}
     assert metrics.operation_label("Op0") == "Op0"  # names already seen keep their label
+
+
+async def test_readyz_checks_that_migrations_are_at_head(live_server, http_client, caplog):
+    from app.migrate import downgrade, upgrade
+
+    server = await live_server()
+    http = http_client(server, None).http
+    assert (await http.get("/readyz")).status_code == 200
+
+    await asyncio.to_thread(downgrade, server.services.settings.database_url, "-1")
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    behind = await http.get("/readyz")
+    assert behind.status_code == 503
+    assert behind.json()["status"] == "unavailable"
+    assert "fleetbridge migrate" in behind.json()["reason"]
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].exc_info is None
+    assert "not ready" in warnings[0].getMessage()
+
+    await asyncio.to_thread(upgrade, server.services.settings.database_url)
+    assert (await http.get("/readyz")).status_code == 200
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+async def test_json_logs_carry_the_request_line_as_fields(database_url):
+    import json
+    import signal
+    import sys
+
+    from tests.api.test_cli import ROOT, cli_env
+    from tests.conftest import free_port
+
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+        cwd=ROOT, env=cli_env(DATABASE_URL=database_url, FLEET_LOG_FORMAT="json"),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+            while True:
+                assert process.returncode is None, "serve exited early"
+                assert loop.time() < deadline, "serve did not answer in time"
+                try:
+                    await http.get("/healthz")
+                    break
+                except httpx.TransportError:
+                    await asyncio.sleep(0.1)
+            answer = await http.get("/readyz", headers={"X-Request-ID": "probe-7"})
+            assert answer.headers["x-request-id"] == "probe-7"
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+    assert lines, "no log lines"
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
+    (probe,) = [line for line in lines if line.get("request_id") == "probe-7"]
+    assert probe["logger"] == "app.access"
+    assert (probe["path"], probe["operation"], probe["status"], probe["outcome"]) == (
+        "/readyz", "/readyz", 200, "ok"
+    )
+    assert isinstance(probe["duration_ms"], float | int)
