@@ -38,6 +38,7 @@ logger = logging.getLogger("app.graphql")
 MAX_DEPTH = 12
 MAX_TOKENS = 5_000
 MAX_ALIASES = 50
+TOKEN_LIMIT_MESSAGE = "Syntax Error: Document contains more than"
 # Validation results kept per process (LRU, bounded: unique hostile query texts only
 # evict), keyed by (schema, document, rules): they hit only because the rules below are
 # built once.  (strawberry's ParserCache is left out: a parse error raised from it skips
@@ -65,9 +66,12 @@ def _is_unexpected(error: GraphQLError) -> bool:
 def request_error_code(error: GraphQLError) -> str:
     """The code of an error found before execution: a syntax error is
     GRAPHQL_PARSE_FAILED, anything else (validation, guards) GRAPHQL_VALIDATION_FAILED."""
-    if isinstance(error, GraphQLSyntaxError) or isinstance(
+    syntax = isinstance(error, GraphQLSyntaxError) or isinstance(
         error.original_error, GraphQLSyntaxError
-    ):
+    )
+    # The token guard (MaxTokensLimiter) stops graphql-core's parser with a syntax
+    # error; it is a guard, like depth and aliases, not a document that cannot parse.
+    if syntax and not error.message.startswith(TOKEN_LIMIT_MESSAGE):
         return "GRAPHQL_PARSE_FAILED"
     return "GRAPHQL_VALIDATION_FAILED"
 

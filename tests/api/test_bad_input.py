@@ -370,7 +370,7 @@ WRONG_TYPES = [
 ]
 
 
-REFUSAL_CODES = {"GRAPHQL_VALIDATION_FAILED", "BAD_USER_INPUT"}
+REFUSAL_CODES = {"GRAPHQL_PARSE_FAILED", "GRAPHQL_VALIDATION_FAILED", "BAD_USER_INPUT"}
 
 
 async def test_wrong_types_and_invalid_enums_are_refused_with_a_code(scene):

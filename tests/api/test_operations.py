@@ -246,7 +246,7 @@ async def test_json_logs_carry_the_request_line_as_fields(database_url):
     )
     try:
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
+        deadline = loop.time() + 60
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
             while True:
                 assert process.returncode is None, "serve exited early"
@@ -261,8 +261,12 @@ async def test_json_logs_carry_the_request_line_as_fields(database_url):
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
-        _, err = await asyncio.wait_for(process.communicate(), 30)
-    lines = [json.loads(line) for line in err.decode().splitlines() if line.strip()]
+        _, err = await asyncio.wait_for(process.communicate(), 60)
+    text = err.decode()
+    try:
+        lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as exc:
+        raise AssertionError(f"a log line is not JSON: {text}") from exc
     assert lines, "no log lines"
     assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)
     (probe,) = [line for line in lines if line.get("request_id") == "probe-7"]
