@@ -103,6 +103,7 @@ def serve(
     from app.main import create_app
     from app.migrate import is_empty, upgrade
     from app.redact import install, mask_url
+    from app.server import server_options
 
     settings = _settings()
     _configure_logging(settings.log_level, settings.log_format)
@@ -114,9 +115,9 @@ def serve(
     host, port = host or settings.host, port or settings.port
     config = uvicorn.Config(
         create_app(settings), host=host, port=port, log_level=settings.log_level,
-        ws="websockets-sansio",
         log_config=None,  # uvicorn's loggers go through _configure_logging's handler
         access_log=False,  # app.observability logs one line per request
+        **server_options(settings),
     )
     install("uvicorn", "uvicorn.error", "uvicorn.access")  # uvicorn set up its handlers
     logging.getLogger("app.cli").info(

@@ -94,6 +94,18 @@ class Settings(BaseSettings):
     # origin, comma-separated; empty means same-origin only.  `*` allows any origin.
     cors_origins: Annotated[tuple[str, ...], NoDecode] = ()
 
+    # Bounded cost per client (DESIGN §8; app.http_guard, app.server, app.graphql.guards).
+    introspection: bool = True
+    max_body_bytes: int = Field(default=1_048_576, ge=1_024)
+    max_query_cost: int = Field(default=200_000, ge=1)
+    # `limits` strings ("100/second", "6000/minute;200/second"); "" switches one off.
+    rate_limit_per_ip: str = "200/second"
+    rate_limit_per_token: str = "100/second"
+    max_websockets_per_token: int = Field(default=20, ge=1)
+    max_subscriptions_per_token: int = Field(default=100, ge=1)
+    http_read_timeout_seconds: float = Field(default=30.0, gt=0)
+    http_keep_alive_seconds: int = Field(default=5, ge=1)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

@@ -10,6 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+QUOTE_MAX = 100  # characters of client input an error message repeats
+
+
+def quote(value: object, limit: int = QUOTE_MAX) -> str:
+    """`value` as an error message may repeat it: at most `limit` characters (then
+    "…"), and always encodable (a lone surrogate becomes a `\\udXXX` escape)."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
 
 class FleetError(Exception):
     code = "INTERNAL_SERVER_ERROR"
@@ -35,7 +46,7 @@ class NotFoundError(FleetError):
     code = "NOT_FOUND"
 
     def __init__(self, kind: str, ident: object) -> None:
-        super().__init__(f"{kind} {ident} not found")
+        super().__init__(f"{kind} {quote(ident)} not found")
         self.kind = kind
 
 
@@ -59,3 +70,24 @@ class StoreUnavailableError(FleetError):
     """The database could not serve the request (busy, unreachable); safe to retry."""
 
     code = "SERVICE_UNAVAILABLE"
+
+
+class RateLimitedError(FleetError):
+    """Too many requests, connections or subscriptions for one token or address."""
+
+    code = "RATE_LIMITED"
+
+
+class QueryRefusedError(FleetError):
+    """A document that is valid GraphQL but refused before execution (too costly,
+    ambiguous); reported like a validation failure."""
+
+    code = "GRAPHQL_VALIDATION_FAILED"
+
+    def __init__(self, message: str, extensions: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self._extra = extensions or {}
+
+    @property
+    def extensions(self) -> dict[str, Any]:
+        return {"code": self.code, **self._extra}

@@ -30,6 +30,9 @@ MAX_ATTEMPTS_MAX = 20
 BUDGET_MAX = 1_000_000.0
 COST_MAX = 1_000_000.0
 TOKENS_MAX = 2**31 - 1  # GraphQL Int
+# Idempotency keys the bridge gives the jobs it ingests (`tracker-<item id>`); a
+# client's own keys may not start with it, so no client job can take an item's place.
+TRACKER_KEY_PREFIX = "tracker-"
 
 
 def text(field: str, value: str, *, max_len: int, required: bool = False) -> str:
@@ -82,3 +85,13 @@ def page_size(value: int | None, field: str = "first") -> int:
     if value is None:
         return PAGE_SIZE_DEFAULT
     return integer(field, value, lo=1, hi=PAGE_SIZE_MAX)
+
+
+def idempotency_key(field: str, value: str | None) -> str | None:
+    """A client's idempotency key: bounded text, not in the bridge's reserved space."""
+    key = optional_text(field, value, max_len=IDEMPOTENCY_KEY_MAX)
+    if key is not None and key.startswith(TRACKER_KEY_PREFIX):
+        raise BadUserInputError(
+            field, f"keys starting with {TRACKER_KEY_PREFIX!r} are reserved for the tracker bridge"
+        )
+    return key

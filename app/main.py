@@ -32,6 +32,7 @@ from app.fleet.service import FleetPolicy, FleetService
 from app.graphql.context import Services
 from app.graphql.schema import schema
 from app.graphql.view import FleetGraphQL
+from app.http_guard import RateLimits, RequestGuard
 from app.metrics import ServiceMetrics
 from app.observability import RequestObserver
 from app.readiness import check_ready
@@ -179,7 +180,19 @@ def create_app(
             Route("/metrics", metrics),
             *web_routes(),
         ],
-        middleware=[Middleware(RequestObserver), *cors_middleware(settings)],
+        # The request observer outermost (it logs and counts every answer), then CORS
+        # (a refusal still carries its headers), then the guard: rate limits, the body
+        # cap and the body read timeout, before anything is parsed.
+        middleware=[
+            Middleware(RequestObserver),
+            *cors_middleware(settings),
+            Middleware(
+                RequestGuard,
+                max_body_bytes=settings.max_body_bytes,
+                read_timeout=settings.http_read_timeout_seconds,
+                rate_limits=RateLimits(settings.rate_limit_per_ip, settings.rate_limit_per_token),
+            ),
+        ],
         lifespan=lifespan,
     )
 

@@ -33,6 +33,7 @@ from app.fleet.service import JobSpec
 from app.graphql.context import Services
 from app.main import Runtime, build_runtime, create_app
 from app.migrate import upgrade
+from app.server import server_options
 from app.tracker import service as tracker_service
 from app.tracker.models import Item
 from app.tracker.service import NewItem
@@ -228,8 +229,8 @@ class LiveServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/graphql"
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="warning",
-            ws="websockets-sansio", lifespan="on",
+            self.app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            **server_options(settings),
         )
         self.server = uvicorn.Server(config)
         self._task: asyncio.Task[None] | None = None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Protocol
 
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge import steering
@@ -230,9 +231,17 @@ class BridgeService:
 
 def _echo_error(exc: Exception) -> str:
     """What a client is told about a failed echo: our own errors' messages, otherwise
-    only the kind of failure (the details, which may hold internals, are logged)."""
-    detail = exc.message if isinstance(exc, FleetError) else type(exc).__name__
-    return f"the item could not be updated ({detail}); the echo will be retried"
+    only the kind of failure, never a driver's exception class or text (the details
+    are logged)."""
+    if isinstance(exc, FleetError):
+        kind = exc.message
+    elif isinstance(exc, IntegrityError):
+        kind = "the write conflicted with stored data"
+    elif isinstance(exc, DBAPIError | OSError | TimeoutError):
+        kind = "the database was unavailable"
+    else:
+        kind = "an unexpected error"
+    return f"the item could not be updated ({kind}); the echo will be retried"
 
 
 def _figures(job: Job) -> JobFigures:

@@ -25,6 +25,7 @@ from app.errors import ConflictError, NotFoundError
 from app.fleet import repository as fleet_repository
 from app.fleet.models import Priority
 from app.fleet.service import FleetService, JobSpec, SubmitOutcome, SubmitResult
+from app.limits import TRACKER_KEY_PREFIX
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
 from app.tracker.models import Item, ItemStatus
@@ -49,7 +50,8 @@ class IngestOptions:
 def idempotency_key(item_id: int, follow_up: int = 0) -> str:
     """`tracker-<itemId>` for an item's first job, `tracker-<itemId>-<n>` for its n-th
     follow-up (DESIGN §4)."""
-    return f"tracker-{item_id}" if follow_up == 0 else f"tracker-{item_id}-{follow_up}"
+    key = f"{TRACKER_KEY_PREFIX}{item_id}"
+    return key if follow_up == 0 else f"{key}-{follow_up}"
 
 
 def job_spec_for_item(

@@ -24,6 +24,7 @@ from app.fleet.service import FleetService
 from app.graphql.snapshot import read_session
 from app.metrics import ServiceMetrics
 from app.pagination import Page
+from app.quotas import TokenQuotas
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
 from app.tracker.models import Comment, Item
@@ -43,6 +44,8 @@ class Services:
     tokens: TokenGuard
     entities: EntityReader
     metrics: ServiceMetrics | None = None
+    # Open websockets and live subscriptions per token (DESIGN §8).
+    quotas: TokenQuotas = field(default_factory=TokenQuotas)
 
 
 # (item id, page size, cursor) of one item's page of comments or of jobs.
@@ -117,6 +120,10 @@ class Context:
     # (the database did not answer); raised on the first field that needs a caller.
     auth_failure: FleetError | None = None
     connection_params: dict[str, Any] | None = None
+    # sha256 of the caller's bearer secret (per-token quotas); None when anonymous.
+    token_key: str | None = None
+    # The token whose websocket quota this connection holds (released when it ends).
+    websocket_slot: str | None = None
     _loaders: Loaders | None = field(default=None, repr=False)
 
     @property

@@ -135,9 +135,7 @@ class SubmitJobInput:
             profile=limits.optional_text("input.profile", self.profile, max_len=limits.NAME_MAX),
             budget=_budget("input.budget", self.budget),
             max_attempts=_max_attempts("input.maxAttempts", self.max_attempts) or 3,
-            idempotency_key=limits.optional_text(
-                "input.idempotencyKey", self.idempotency_key, max_len=limits.IDEMPOTENCY_KEY_MAX
-            ),
+            idempotency_key=limits.idempotency_key("input.idempotencyKey", self.idempotency_key),
             tracker_item_id=tracker_item_id,
         )
 

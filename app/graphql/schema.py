@@ -25,7 +25,8 @@ from strawberry.extensions.max_aliases import create_validator as alias_limit_ru
 from strawberry.extensions.query_depth_limiter import create_validator as depth_limit_rule
 from strawberry.types import ExecutionContext
 
-from app.errors import FleetError
+from app.errors import FleetError, quote
+from app.graphql.guards import RequestGuards
 from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
 from app.graphql.snapshot import OneSnapshotPerQuery
@@ -39,6 +40,7 @@ MAX_DEPTH = 12
 MAX_TOKENS = 5_000
 MAX_ALIASES = 50
 TOKEN_LIMIT_MESSAGE = "Syntax Error: Document contains more than"
+MAX_MESSAGE = 300  # characters of an error message
 # Validation results kept per process (LRU, bounded: unique hostile query texts only
 # evict), keyed by (schema, document, rules): they hit only because the rules below are
 # built once.  (strawberry's ParserCache is left out: a parse error raised from it skips
@@ -101,6 +103,10 @@ class MaskUnexpectedErrors(MaskErrors):
     def _process_errors(self, errors: list[GraphQLError]) -> list[GraphQLError]:
         processed = super()._process_errors(errors)
         for error in processed:
+            # graphql-core's messages repeat names and values from the document; keep
+            # them short (DESIGN §8: a message quotes at most ~100 characters of input).
+            if len(error.message) > MAX_MESSAGE:
+                error.message = quote(error.message, MAX_MESSAGE)
             if not error.extensions or "code" not in error.extensions:
                 error.extensions = {**(error.extensions or {}), "code": request_error_code(error)}
         return processed
@@ -138,6 +144,7 @@ schema = FleetSchema(
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         LimitRules,
         lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
+        RequestGuards,  # before the snapshot opens: a refusal reads nothing
         OneSnapshotPerQuery,
         MaskUnexpectedErrors,
     ],

@@ -68,14 +68,17 @@ async def _changes(
     event_filter = filter_for(types, _entity_filter(id_field, entity_id))
     services = info.context.services
     wants_entity = any(selects(field.selections, entity_field) for field in info.selected_fields)
+    quota = services.quotas.subscription(info.context.token_key,
+                                         services.settings.max_subscriptions_per_token)
     stream = services.streams.stream(principal.product_id, event_filter, after)
-    async with aclosing(stream):  # leave the hub as soon as the client goes
-        async for record in stream:
-            row = None
-            if wants_entity:
-                row = await with_retry(functools.partial(load, record),
-                                       services.streams.retry_seconds)
-            yield record, row
+    with quota:  # per-token live subscriptions (DESIGN §8)
+        async with aclosing(stream):  # leave the hub as soon as the client goes
+            async for record in stream:
+                row = None
+                if wants_entity:
+                    row = await with_retry(functools.partial(load, record),
+                                           services.streams.retry_seconds)
+                yield record, row
 
 
 EventAfter = Annotated[

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from typing import Any
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
@@ -25,13 +26,20 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import ConnectionInitMessage
 from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
+from strawberry.subscriptions.protocols.graphql_ws.types import (
+    ConnectionInitMessage as LegacyInitMessage,
+)
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UnsetType
 
-from app.auth.service import Principal, parse_bearer
-from app.errors import StoreUnavailableError
+from app.auth.service import Principal, hash_token, parse_bearer
+from app.errors import RateLimitedError, StoreUnavailableError
 from app.graphql.context import Context, Services
 from app.graphql.transport import (
     GRAPHQL_RESPONSE_JSON,
@@ -41,6 +49,48 @@ from app.graphql.transport import (
 )
 from app.observability import note_outcome, note_principal
 from app.web import GRAPHIQL_HTML, html_page
+
+# JSON nested deeper than this is refused like invalid JSON (400, websocket 4400);
+# the service's own documents nest a few levels.
+MAX_JSON_DEPTH = 64
+RATE_LIMITED_CLOSE = 4429
+
+
+def json_depth_exceeds(value: object, limit: int) -> bool:
+    """True when `value` (decoded JSON) nests lists/objects more than `limit` deep."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict | list):
+            if depth > limit:
+                return True
+            inner = node.values() if isinstance(node, dict) else node
+            stack.extend((child, depth + 1) for child in inner if isinstance(child, dict | list))
+    return False
+
+
+def _release_websocket(context: Context) -> None:
+    if context.websocket_slot is not None:
+        context.services.quotas.close_websocket(context.websocket_slot)
+        context.websocket_slot = None
+
+
+class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+    """`graphql-transport-ws` with the per-token websocket quota: over it the
+    connection is closed with 4429 and a reason, and a held slot is released when
+    the connection ends."""
+
+    async def handle(self) -> None:
+        try:
+            await super().handle()
+        finally:
+            _release_websocket(self.context)
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        try:
+            await super().handle_connection_init(message)
+        except RateLimitedError as exc:
+            await self.websocket.close(code=RATE_LIMITED_CLOSE, reason=exc.message[:120])
 
 
 class RequestRefused(HTTPException):
@@ -54,16 +104,26 @@ class RequestRefused(HTTPException):
 class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
     """The legacy `graphql-ws` protocol has no init timeout of its own in strawberry;
     apply the view's `connection_init_wait_timeout` here too (close code 4408, as
-    `graphql-transport-ws` does), so an idle unauthenticated socket cannot linger."""
+    `graphql-transport-ws` does), so an idle unauthenticated socket cannot linger.
+    The per-token websocket quota applies as for `graphql-transport-ws`."""
 
     async def handle(self) -> None:
         timer = asyncio.create_task(self._close_unless_acknowledged())
         try:
             await super().handle()
         finally:
+            _release_websocket(self.context)
             timer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await timer
+
+    async def handle_connection_init(self, message: LegacyInitMessage) -> None:
+        try:
+            await super().handle_connection_init(message)
+        except RateLimitedError as exc:
+            await self.send_message({"type": "connection_error", "payload": {
+                "message": exc.message, "extensions": exc.extensions}})
+            await self.websocket.close(code=RATE_LIMITED_CLOSE, reason=exc.message[:120])
 
     async def _close_unless_acknowledged(self) -> None:
         await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
@@ -74,6 +134,7 @@ class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
 
 class FleetGraphQL(GraphQL[Context, None]):
     graphql_ws_handler_class = LegacyGraphQLWSHandler
+    graphql_transport_ws_handler_class = TransportWSHandler
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -176,10 +237,10 @@ class FleetGraphQL(GraphQL[Context, None]):
         services: Services = request.app.state.services
         context = Context(services=services, request=request, response=response)
         if not isinstance(request, WebSocket):
+            secret = parse_bearer(request.headers.get("authorization"))
+            context.token_key = hash_token(secret) if secret else None
             try:
-                context.principal = await self._authenticate(
-                    services, parse_bearer(request.headers.get("authorization"))
-                )
+                context.principal = await self._authenticate(services, secret)
             except StoreUnavailableError as exc:  # answered as an error, not a 500
                 context.auth_failure = exc
             if context.principal is not None:
@@ -200,12 +261,17 @@ class FleetGraphQL(GraphQL[Context, None]):
         header = None
         if isinstance(params, dict):
             header = params.get("authorization") or params.get("Authorization")
-        principal = await self._authenticate(
-            context.services, parse_bearer(header) if isinstance(header, str) else None
-        )
-        if principal is None:
+        secret = parse_bearer(header) if isinstance(header, str) else None
+        principal = await self._authenticate(context.services, secret)
+        if principal is None or secret is None:
             raise ConnectionRejectionError({"message": "a valid bearer token is required"})
         context.principal = principal
+        context.token_key = hash_token(secret)
+        _release_websocket(context)  # a repeated init holds one slot, not two
+        context.services.quotas.open_websocket(
+            context.token_key, context.services.settings.max_websockets_per_token
+        )
+        context.websocket_slot = context.token_key
         if isinstance(context.request, WebSocket):  # closed (4403) when the token is revoked
             context.services.tokens.track(context.request, principal)
         return {"productId": principal.product_id, "role": principal.role.value}
@@ -215,6 +281,18 @@ class FleetGraphQL(GraphQL[Context, None]):
         if secret is None:
             return None
         return await services.tokens.authenticate(secret)
+
+    def decode_json(self, data: str | bytes) -> object:
+        """JSON of a request body or websocket message.  Bytes that are not UTF-8 and
+        nesting deeper than MAX_JSON_DEPTH count as invalid JSON: 400 over HTTP, close
+        4400 over `graphql-transport-ws`, never a 500 or a dropped connection."""
+        try:
+            value = super().decode_json(data)
+        except (UnicodeDecodeError, RecursionError) as exc:
+            raise json.JSONDecodeError(f"not valid JSON ({type(exc).__name__})", "", 0) from exc
+        if json_depth_exceeds(value, MAX_JSON_DEPTH):
+            raise json.JSONDecodeError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels", "", 0)
+        return value
 
     def parse_json(self, data: str | bytes) -> Any:
         """A GraphQL request body (and its `variables`) is a JSON object, or a list for a
