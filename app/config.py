@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Literal
 
+from limits import parse_many
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -134,6 +135,17 @@ class Settings(BaseSettings):
     @classmethod
     def _any_case(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("rate_limit_per_ip", "rate_limit_per_token")
+    @classmethod
+    def _rate_limit(cls, value: str) -> str:
+        """A `limits` rate string ("100/second", "6000/minute;200/second"), or "" (off)."""
+        if value.strip():
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"not a rate limit like '100/second': {value!r}") from exc
+        return value
 
     @property
     def is_sqlite(self) -> bool:

@@ -6,7 +6,6 @@ per-token websocket and subscription quotas, and the introspection switch."""
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import pytest
@@ -225,10 +224,14 @@ async def test_introspection_can_be_switched_off(live_server, http_client, make_
     assert (await off.data("{ __typename viewer { role } }"))["__typename"] == "Query"
 
 
-def test_settings_defaults():
+def test_settings_defaults_and_rate_strings():
+    from pydantic import ValidationError
+
     from app.config import Settings
 
     settings = Settings()
     assert settings.max_body_bytes == 1_048_576
     assert settings.introspection is True
-    assert json.dumps(settings.rate_limit_per_token)
+    assert Settings(rate_limit_per_ip="6000/minute;200/second", rate_limit_per_token="")
+    with pytest.raises(ValidationError, match="rate limit"):
+        Settings(rate_limit_per_token="lots")
