@@ -76,40 +76,50 @@ floats = st.one_of(
 )
 
 
-def _scalar(named: GraphQLScalarType, ids: st.SearchStrategy[str]) -> st.SearchStrategy[Any]:
-    if named.name == "ID":
-        return st.one_of(ids, ids, texts, ints)
-    if named.name == "Int":
-        return st.one_of(ints, ints, ints, st.sampled_from(["7", 1.5, True]))
-    if named.name == "Float":
-        return st.one_of(floats, floats, ints, st.just("cheap"))
-    if named.name == "Boolean":
-        return st.one_of(st.booleans(), st.booleans(), st.just("yes"))
-    return st.one_of(texts, texts, texts, st.just(5))  # String (inputs are strings)
+int32 = st.one_of(
+    st.sampled_from([0, -1, 1, 2**31 - 1, -(2**31), 4, 5, 200, 201, 21_600, 21_601]),
+    st.integers(-(2**31), 2**31 - 1),
+)
 
 
-def value_of(kind: GraphQLInputType, ids: st.SearchStrategy[str],
+def _scalar(named: GraphQLScalarType, ids: st.SearchStrategy[str],
+            wild: bool) -> st.SearchStrategy[Any]:
+    """Values of a scalar: of its type (out of our bounds, any alphabet) or, when
+    `wild`, of any type GraphQL must refuse."""
+    typed: dict[str, st.SearchStrategy[Any]] = {
+        "ID": st.one_of(ids, ids, texts),
+        "Int": int32,
+        "Float": st.one_of(floats, int32),
+        "Boolean": st.booleans(),
+    }
+    value = typed.get(named.name, texts)  # String
+    if wild:
+        return st.one_of(value, ints, texts, st.sampled_from(["7", 1.5, True, None, [1]]))
+    return value
+
+
+def value_of(kind: GraphQLInputType, ids: st.SearchStrategy[str], wild: bool = False,
              depth: int = 0) -> st.SearchStrategy[Any]:
-    """Values for a GraphQL input type: mostly well-typed, sometimes not."""
+    """Values for a GraphQL input type, well-typed unless `wild`."""
     if isinstance(kind, GraphQLNonNull):
-        inner = value_of(kind.of_type, ids, depth)
-        return st.one_of(inner, inner, inner, st.just(None)) if depth == 0 else inner
+        inner = value_of(kind.of_type, ids, wild, depth)
+        return st.one_of(inner, st.just(None)) if wild and depth == 0 else inner
     if isinstance(kind, GraphQLList):
-        items = st.lists(value_of(kind.of_type, ids, depth + 1), max_size=60)
-        return st.one_of(items, items, st.just(None))
+        items = st.lists(value_of(kind.of_type, ids, wild, depth + 1), max_size=60)
+        return st.one_of(items, st.just(None))
     if isinstance(kind, GraphQLEnumType):
         names = st.sampled_from(sorted(kind.values))
-        return st.one_of(names, names, names, texts)
+        return st.one_of(names, texts) if wild else names
     if isinstance(kind, GraphQLInputObjectType):
-        required = {name: value_of(field.type, ids, depth + 1)
+        required = {name: value_of(field.type, ids, wild, depth + 1)
                     for name, field in kind.fields.items()
                     if isinstance(field.type, GraphQLNonNull)}
-        optional = {name: value_of(field.type, ids, depth + 1)
+        optional = {name: value_of(field.type, ids, wild, depth + 1)
                     for name, field in kind.fields.items()
                     if not isinstance(field.type, GraphQLNonNull)}
         return st.fixed_dictionaries(required, optional=optional)
     assert isinstance(kind, GraphQLScalarType), kind
-    return _scalar(kind, ids)
+    return _scalar(kind, ids, wild)
 
 
 def _selection(field: GraphQLField) -> str:
@@ -144,7 +154,8 @@ def test_every_root_field_and_argument_is_fuzzed():
     assert {"createItem", "submitJob", "transitionJob", "items", "item"} <= names
     for _, name, field in ROOT_FIELDS:
         for arg in field.args.values():
-            assert value_of(arg.type, st.just("1")) is not None  # every type is handled
+            for wild in (False, True):  # every argument type is handled
+                assert value_of(arg.type, st.just("1"), wild) is not None
         assert document_of("query", name, field)
 
 
@@ -232,7 +243,8 @@ def test_fuzz_every_argument_from_the_schema(fuzz_target, data):
     server: ThreadedServer = fuzz_target["server"]
     ids = st.sampled_from(fuzz_target["ids"])
     operation, name, field = data.draw(st.sampled_from(ROOT_FIELDS), label="field")
-    variables = {arg: data.draw(value_of(kind.type, ids), label=arg)
+    wild = data.draw(st.booleans(), label="wild") and data.draw(st.booleans())  # 1 in 4
+    variables = {arg: data.draw(value_of(kind.type, ids, wild), label=arg)
                  for arg, kind in field.args.items()}
     caller = data.draw(st.sampled_from(sorted(fuzz_target["tokens"])), label="caller")
     token = fuzz_target["tokens"][caller]
