@@ -27,7 +27,7 @@ from tests.api.test_bad_input import (
     Scene,
     _role_for,
 )
-from tests.api.ws_client import TRANSPORT_WS, ws_connect
+from tests.api.ws_client import JOB_EVENTS, TRANSPORT_WS, ws_connect
 from tests.conftest import error_codes
 
 BAD = "a\ud800b"  # a lone surrogate: no UTF-8 encoding, no database stores it
@@ -189,3 +189,13 @@ async def test_the_bridge_idempotency_prefix_is_reserved(scene):
     again = (await member.data(INGEST, id=fresh))["ingestItemAsJob"]
     assert (first["outcome"], again["outcome"]) == ("CREATED", "DEDUPED")
     assert first["job"]["id"] == again["job"]["id"]
+
+
+async def test_a_lone_surrogate_over_the_websocket_is_bad_user_input(scene, make_token):
+    server = scene.ids["server"]
+    token = await make_token("acme", Role.MEMBER)
+    async with ws_connect(server.ws_url, TRANSPORT_WS, token) as client:
+        operation = await client.subscribe(JOB_EVENTS, jobId=BAD, after=None)
+        errors = await client.operation_errors(operation)
+        assert [e.get("extensions") for e in errors] == [
+            {"code": "BAD_USER_INPUT", "field": "jobId"}]
