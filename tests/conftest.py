@@ -39,6 +39,11 @@ from app.tracker.models import Item
 from app.tracker.service import NewItem
 
 PG_DSN = os.environ.get("FLEET_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+# Request rate limits are exercised by the tests that set them (tests/api/
+# test_bounded_cost.py); load and fault tests hammer from one address and one token, so
+# by default the suite (in process and in `fleetbridge serve` children) runs without.
+os.environ.setdefault("FLEET_RATE_LIMIT_PER_IP", "")
+os.environ.setdefault("FLEET_RATE_LIMIT_PER_TOKEN", "")
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 _counter = itertools.count()
 
