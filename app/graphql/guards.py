@@ -119,7 +119,9 @@ def check_storable_text(document: DocumentNode, variables: Mapping[str, Any] | N
                 raise BadUserInputError(path, SURROGATES_MESSAGE)
             if isinstance(node, VariableNode):
                 used_at.setdefault(node.name.value, path)
-    for name, value in (variables or {}).items():
+    if not isinstance(variables, Mapping):
+        return  # not an object: graphql-core refuses it on its own
+    for name, value in variables.items():
         base = used_at.get(name, f"${name}") if isinstance(name, str) else "variables"
         found = _bad_path(value, base)
         if found is not None or (isinstance(name, str) and not is_storable(name)):

@@ -199,3 +199,19 @@ async def test_a_lone_surrogate_over_the_websocket_is_bad_user_input(scene, make
         errors = await client.operation_errors(operation)
         assert [e.get("extensions") for e in errors] == [
             {"code": "BAD_USER_INPUT", "field": "jobId"}]
+
+
+async def test_variables_that_are_not_an_object_are_refused_with_a_code(scene):
+    member = scene.clients["member"]
+    for variables in ([1], "x", 5, [{"t": BAD}]):
+        body = json.dumps({"query": "query($t: String) { items(label: $t) { nodes { id } } }",
+                           "variables": variables})
+        response = await member.http.post(
+            "/graphql", content=body.encode(),
+            headers={"Authorization": f"Bearer {member.token}",
+                     "Content-Type": "application/json"})
+        assert response.status_code < 500, response.text
+        if response.status_code == 200:
+            codes = error_codes(response.json())
+            assert codes, response.text
+            assert "INTERNAL_SERVER_ERROR" not in codes, response.text
