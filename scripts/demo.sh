@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Migrate the SQLite database, create a demo product with a member and a worker
-# token, print them with the board and GraphiQL addresses, and serve.
+# token, print them with the board, GraphiQL and metrics addresses, and serve.
 # Each run replaces the demo's tokens (`token create --replace` revokes the earlier
 # `demo-member` / `demo-worker`): secrets are not stored, so they cannot be shown
 # again, and this way they do not pile up.  `fleetbridge token list` shows them.
@@ -23,6 +23,7 @@ cat <<MSG
 
   fleet board:   http://$HOST:$PORT/board   (paste a token to sign in)
   GraphiQL:      http://$HOST:$PORT/graphql
+  metrics:       http://$HOST:$PORT/metrics   (Prometheus; /healthz and /readyz for probes)
   member token:  $MEMBER
   worker token:  $WORKER
 
