@@ -56,6 +56,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+from harness import SERVED_ENV
 from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
@@ -152,8 +153,7 @@ class Server:
             **os.environ,
             "DATABASE_URL": database_url,
             "PYTHONPATH": str(app_dir),
-            "FLEET_BACKGROUND_LOOPS": "false",
-            "FLEET_LOG_LEVEL": "warning",
+            **SERVED_ENV,
             "FLEET_MAX_SUBSCRIPTIONS_PER_CONNECTION": "20",
         }
         with self.log_path.open("wb") as log:

@@ -13,6 +13,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# What a served process under benchmark runs with (bench/served.py, bench_fanout.py): no
+# background loops, quiet logs, and none of the per-address or per-token admission limits
+# (DESIGN §8) - every benchmark client shares one address and one token, which a real
+# fleet does not; left on, they would measure the limiter instead of the service.
+SERVED_ENV: dict[str, str] = {
+    "FLEET_BACKGROUND_LOOPS": "false",
+    "FLEET_LOG_LEVEL": "warning",
+    "FLEET_GRAPHIQL": "false",
+    "FLEET_RATE_LIMIT_PER_IP": "",
+    "FLEET_RATE_LIMIT_PER_TOKEN": "",
+    "FLEET_MAX_WEBSOCKETS_PER_TOKEN": "100000",
+    "FLEET_MAX_SUBSCRIPTIONS_PER_TOKEN": "1000000",
+}
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0 ≤ q ≤ 100) of `values`, linearly interpolated between the

@@ -25,7 +25,7 @@ from typing import Any
 
 import httpx
 from bench_claim import PRODUCT, job_rows
-from harness import Clock
+from harness import SERVED_ENV, Clock
 from sqlalchemy import insert
 
 from app.auth.models import Role
@@ -67,8 +67,7 @@ async def prepare(url: str, jobs: int) -> str:
 def serving(url: str) -> Iterator[tuple[int, str]]:
     """`fleetbridge serve` on a free port; yields (pid, base URL) once /healthz answers."""
     port = free_port()
-    env = {**os.environ, "FLEET_DATABASE_URL": url, "FLEET_LOG_LEVEL": "warning",
-           "FLEET_BACKGROUND_LOOPS": "false", "FLEET_GRAPHIQL": "false"}
+    env = {**os.environ, **SERVED_ENV, "FLEET_DATABASE_URL": url}
     process = subprocess.Popen(
         [sys.executable, "-c", "from app.cli import main; main()", "serve",
          "--port", str(port)], cwd=ROOT, env=env)
