@@ -1,9 +1,22 @@
 """Writing events in the transaction of the change, and handing them on after commit.
 
-Services call `record_event()`; it appends an `Event` row to the session and
-remembers it on the session.  The unit of work (`app.uow`) takes the remembered
-records with `take_recorded()` once the transaction has committed and passes them
-to the hub; after a rollback they are dropped with the session.
+Services call `record_event()`; it appends an `Event` row in the caller's
+transaction and remembers an `EventRecord` of it on the session.  The unit of work
+(`app.uow`) takes the remembered records with `take_recorded()` once the
+transaction has committed and passes them to the hub; after a rollback they are
+dropped with the session.
+
+A product's events are numbered by `products.last_event_seq`: the row is bumped in
+the same round trip that appends the event, and its lock is held until the
+transaction ends, so sequences are gap-free and in commit order (DESIGN §5).
+
+On PostgreSQL the same statement also sends the cross-instance wake-up,
+`NOTIFY fleetbridge_events, '<product>:<seq>'` (`EVENT_CHANNEL`, app.events.pg_hub
+listens): NOTIFY is transactional, so the other instances hear of the event exactly
+when it commits and never of one that rolled back, and no connection other than the
+committing one is needed.  Statements that change a row and append its event in one
+round trip (app.fleet.cycle) build on `pg_append_event_ctes()` and hand their record
+to `remember_event()`.
 """
 
 from __future__ import annotations
@@ -14,17 +27,18 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import BigInteger, Integer, String, bindparam, column, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth.models import Product
-from app.db import utcnow
+from app.db import JsonDocument, UTCDateTime, utcnow
 from app.errors import BadUserInputError
 from app.events.models import Event, EventType
 
 _SESSION_KEY = "fleet.recorded_events"
 _CURSOR_PREFIX = "event:"
 MAX_EVENT_SEQ = 2**63 - 1  # `seq` is a BIGINT
+# The PostgreSQL channel that wakes the other instances (payload `<product>:<seq>`).
+EVENT_CHANNEL = "fleetbridge_events"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +94,70 @@ def decode_event_cursor(cursor: str, *, field_name: str = "after") -> int:
     return int(digits)
 
 
+def pg_append_event_ctes(source: str, *, type_sql: str, entity_id_sql: str,
+                         from_state_sql: str, to_state_sql: str, payload_sql: str) -> str:
+    """PostgreSQL: two CTEs, to follow a `WITH` list that defines CTE `source`, which
+    append one event for each row of `source` (zero or one row in practice).
+
+    `event_seq` bumps `products.last_event_seq` of `source.product_id` (the row stays
+    locked until the transaction ends: gap-free, commit-ordered sequences), and
+    `event_row` inserts the event with that sequence and `:event_created_at` (bind
+    it: `utcnow()`, the process clock every event carries).  The `*_sql` arguments
+    are SQL expressions over `source`'s columns.  When `source` has no row nothing is
+    bumped and nothing is inserted.  Select `event_row.seq` and `PG_NOTIFY_SQL` from
+    `event_row` in the main statement.
+    """
+    return f"""event_seq AS (
+    UPDATE products SET last_event_seq = products.last_event_seq + 1
+    FROM {source} WHERE products.id = {source}.product_id
+    RETURNING products.id, products.last_event_seq
+), event_row AS (
+    INSERT INTO events (product_id, seq, type, entity_id, from_state, to_state, payload,
+                        created_at)
+    SELECT event_seq.id, event_seq.last_event_seq, {type_sql}, {entity_id_sql},
+           {from_state_sql}, {to_state_sql}, {payload_sql}, :event_created_at
+    FROM {source} JOIN event_seq ON event_seq.id = {source}.product_id
+    RETURNING product_id, seq
+)"""
+
+
+# The wake-up, selected from `event_row` (a `void`, read as None); it is delivered
+# to the listeners when the transaction commits, and dropped when it rolls back.
+PG_NOTIFY_SQL = (
+    f"pg_notify('{EVENT_CHANNEL}', event_row.product_id || ':' || event_row.seq)"
+)
+EVENT_CREATED_AT = bindparam("event_created_at", type_=UTCDateTime())
+
+_PG_RECORD = (
+    text(
+        "WITH change AS (SELECT CAST(:product_id AS VARCHAR) AS product_id), "
+        + pg_append_event_ctes(
+            "change", type_sql=":type", entity_id_sql="CAST(:entity_id AS INTEGER)",
+            from_state_sql="CAST(:from_state AS VARCHAR)",
+            to_state_sql="CAST(:to_state AS VARCHAR)", payload_sql=":payload",
+        )
+        + f"\nSELECT event_row.seq, {PG_NOTIFY_SQL} AS notified FROM event_row"
+    )
+    .bindparams(
+        bindparam("type", type_=String()), bindparam("payload", type_=JsonDocument),
+        EVENT_CREATED_AT,
+    )
+    .columns(column("seq", BigInteger), column("notified", String))
+)
+_SQLITE_BUMP = text(
+    "UPDATE products SET last_event_seq = last_event_seq + 1 WHERE id = :product_id"
+    " RETURNING last_event_seq"
+).columns(column("last_event_seq", BigInteger))
+_SQLITE_INSERT = text(
+    "INSERT INTO events (product_id, seq, type, entity_id, from_state, to_state, payload,"
+    " created_at) VALUES (:product_id, :seq, :type, :entity_id, :from_state, :to_state,"
+    " :payload, :event_created_at)"
+).bindparams(
+    bindparam("seq", type_=BigInteger()), bindparam("entity_id", type_=Integer()),
+    bindparam("payload", type_=JsonDocument), EVENT_CREATED_AT,
+)
+
+
 async def record_event(
     session: AsyncSession,
     *,
@@ -89,38 +167,55 @@ async def record_event(
     from_state: str | None = None,
     to_state: str | None = None,
     payload: dict[str, Any] | None = None,
-) -> Event:
-    """Append an event to the outbox.  Call it last in a unit of work where possible:
-    the product row it updates stays locked until commit, which is what keeps a
-    product's sequence in commit order on PostgreSQL."""
-    seq = (
-        await session.execute(
-            update(Product)
-            .where(Product.id == product_id)
-            .values(last_event_seq=Product.last_event_seq + 1)
-            .returning(Product.last_event_seq)
-            .execution_options(synchronize_session=False)
-        )
-    ).scalar_one()
-    event = Event(
-        product_id=product_id,
-        seq=seq,
-        type=type,
-        entity_id=entity_id,
-        from_state=from_state,
-        to_state=to_state,
-        payload=payload or {},
-        created_at=utcnow(),
+) -> EventRecord:
+    """Append an event to the outbox; returns the record the hub will get after commit.
+
+    One round trip on PostgreSQL (sequence bump, insert and NOTIFY), two on SQLite
+    (bump, insert; the transaction holds the write lock).  Call it last in a unit of
+    work where possible: the product row it updates stays locked until commit, which
+    is what keeps a product's sequence in commit order on PostgreSQL.  Raises
+    NoResultFound for a product that does not exist.
+    """
+    values: dict[str, Any] = {
+        "product_id": product_id, "type": type.value, "entity_id": entity_id,
+        "from_state": from_state, "to_state": to_state, "payload": payload or {},
+        "event_created_at": utcnow(),
+    }
+    if session.get_bind().dialect.name == "postgresql":
+        seq = (await session.execute(_PG_RECORD, values)).scalar_one()
+    else:
+        seq = (await session.execute(_SQLITE_BUMP, {"product_id": product_id})).scalar_one()
+        await session.execute(_SQLITE_INSERT, {**values, "seq": seq})
+    record = EventRecord(
+        product_id=product_id, seq=seq, type=type, entity_id=entity_id,
+        from_state=from_state, to_state=to_state, created_at=values["event_created_at"],
+        payload=dict(payload or {}),
     )
-    session.add(event)
-    session.info.setdefault(_SESSION_KEY, []).append(event)
-    return event
+    remember_event(session, record)
+    return record
+
+
+async def append_event_row(session: AsyncSession, record: EventRecord) -> None:
+    """SQLite: insert the event row of `record`, whose sequence the caller has already
+    taken from `products.last_event_seq` in this transaction, and remember it."""
+    await session.execute(_SQLITE_INSERT, {
+        "product_id": record.product_id, "seq": record.seq, "type": record.type.value,
+        "entity_id": record.entity_id, "from_state": record.from_state,
+        "to_state": record.to_state, "payload": record.payload,
+        "event_created_at": record.created_at,
+    })
+    remember_event(session, record)
+
+
+def remember_event(session: AsyncSession, record: EventRecord) -> None:
+    """Hand `record` (an event row this transaction wrote) to the hub after commit."""
+    session.info.setdefault(_SESSION_KEY, []).append(record)
 
 
 def take_recorded(session: AsyncSession) -> list[EventRecord]:
     """The events recorded in `session`'s committed transaction, in sequence order."""
-    events: list[Event] = session.info.pop(_SESSION_KEY, [])
-    return sorted((EventRecord.from_model(e) for e in events), key=lambda r: r.seq)
+    records: list[EventRecord] = session.info.pop(_SESSION_KEY, [])
+    return sorted(records, key=lambda r: r.seq)
 
 
 def discard_recorded(session: AsyncSession) -> None:

@@ -3,17 +3,19 @@
 Many stateless instances share one PostgreSQL database.  Every instance runs a
 `PostgresHub`:
 
-* `publish(records)` (called after a unit of work commits) delivers the records to
-  this instance's subscribers, then sends `NOTIFY fleetbridge_events,
-  '<product>:<highest seq>'` for each product in the batch.  The payload only wakes
-  the other instances; the events themselves stay in the event table.
+* The wake-up, `NOTIFY fleetbridge_events, '<product>:<seq>'`, is sent by the
+  statement that appends the event (app.events.outbox), inside the committing
+  transaction: PostgreSQL delivers it when that transaction commits and drops it when
+  it rolls back.  `publish(records)` (called after a unit of work commits) only
+  delivers the records to this instance's subscribers.  The payload only wakes the
+  other instances; the events themselves stay in the event table.
 * One dedicated asyncpg connection per instance `LISTEN`s on that channel.  On a
   notification for a product with live subscribers here, whose sequence is above
   the last one this hub delivered for it, the hub reads the newer events from the
   event table (`app.events.repository.events_after`) once, and delivers them to all
   of this instance's subscribers (`LogHub`, in sequence order).
-* A notification can be lost: the sending instance may die between its commit and
-  its NOTIFY, the NOTIFY may fail, or the listening connection may drop.  So every
+* A notification can be lost: the listening connection may drop (and the one that
+  replaces it does not hear what was sent meanwhile).  So every
   `poll_seconds` (FLEET_HUB_POLL_SECONDS) the hub compares each subscribed
   product's `last_event_seq` with what it has delivered and reads what is missing;
   and after the listening connection is re-established (with backoff) it catches
@@ -24,9 +26,12 @@ remembers the last sequence it delivered, drops what it has already seen and fil
 any gap from the log.  Sequences are per product, gap-free and in commit order, so
 cursors are identical on every instance.
 
-Fault seam: `notifier` (a coroutine taking `[(product_id, seq), …]`) sends the
-wake-ups; tests replace it to drop or fail notifications.  A failing notifier is
-logged and never reaches the committed change's caller.
+An instance hears its own wake-ups too, at its commit and usually a moment before it
+publishes the same events locally; so a wake-up reads the log only if, after
+`WAKEUP_GRACE_SECONDS` (10 ms), its sequence is still beyond what was delivered here.
+
+Fault seam: `on_wakeup(product_id, seq)` handles each wake-up heard; tests replace
+it to drop notifications.
 """
 
 from __future__ import annotations
@@ -34,24 +39,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import asyncpg
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from app.events.hub import LogHub
-from app.events.outbox import EventRecord
+from app.events.outbox import EVENT_CHANNEL, EventRecord
 from app.uow import Database
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "fleetbridge_events"
+CHANNEL = EVENT_CHANNEL
 CONNECT_TIMEOUT_SECONDS = 5.0
 RECONNECT_INITIAL_SECONDS = 0.1
 RECONNECT_MAX_SECONDS = 5.0
-
-Notifier = Callable[[Sequence[tuple[str, int]]], Awaitable[None]]
+# How long a wake-up waits before it reads the log: an instance hears its own NOTIFY
+# at its commit, usually just before it publishes the same events locally, which
+# then makes the read unnecessary.
+WAKEUP_GRACE_SECONDS = 0.01
 
 
 def listen_dsn(database_url: str) -> str:
@@ -79,13 +85,12 @@ class PostgresHub(LogHub):
         *,
         max_queue: int = 1_000,
         poll_seconds: float = 1.0,
-        notifier: Notifier | None = None,
         retry_seconds: float = 30.0,
     ) -> None:
         super().__init__(db, max_queue=max_queue, poll_seconds=poll_seconds,
                          retry_seconds=retry_seconds)
         self.dsn = listen_dsn(database_url)
-        self.notifier: Notifier = notifier or self.send_notifications
+        self.on_wakeup: Callable[[str, int], None] = self.wake_for
         self._connection: asyncpg.Connection | None = None
         self._connection_lost: asyncio.Event | None = None
         # Other channels heard on the same connection (see `listen`).
@@ -130,29 +135,9 @@ class PostgresHub(LogHub):
     # -- publishing ------------------------------------------------------------
 
     async def publish(self, records: Sequence[EventRecord]) -> None:
+        """Deliver committed records here; the other instances were woken by the
+        NOTIFY their own statement sent when it committed (app.events.outbox)."""
         self.deliver(records)
-        highest: dict[str, int] = {}
-        for record in records:
-            highest[record.product_id] = max(highest.get(record.product_id, 0), record.seq)
-        if not highest:
-            return
-        try:
-            await self.notifier(sorted(highest.items()))
-        except Exception:
-            # The change is committed; the other instances' poll will find it.
-            logger.warning("NOTIFY failed; other instances will catch up by polling",
-                           exc_info=True)
-
-    async def send_notifications(self, wakeups: Sequence[tuple[str, int]]) -> None:
-        """The default notifier: `pg_notify` through a connection of the hub's own
-        small pool (never the pool that mutations use)."""
-        async with self.db.engine.connect() as connection:
-            autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            for product_id, seq in wakeups:
-                await autocommit.execute(
-                    text("SELECT pg_notify(:channel, :payload)"),
-                    {"channel": CHANNEL, "payload": encode_wakeup(product_id, seq)},
-                )
 
     # -- listening -------------------------------------------------------------
 
@@ -225,10 +210,23 @@ class PostgresHub(LogHub):
             logger.warning("ignoring malformed event wake-up %r", payload)
             return
         self.notifications_received += 1
-        product_id, seq = wakeup
-        delivered = self._delivered.get(product_id)
-        if delivered is not None and seq > delivered:
+        self.on_wakeup(*wakeup)
+
+    def wake_for(self, product_id: str, seq: int) -> None:
+        """Read the log of `product_id` if `seq` is still beyond what was delivered
+        here after `WAKEUP_GRACE_SECONDS`."""
+        if self._behind(product_id, seq):
+            asyncio.get_running_loop().call_later(
+                WAKEUP_GRACE_SECONDS, self._catch_up_if_behind, product_id, seq
+            )
+
+    def _catch_up_if_behind(self, product_id: str, seq: int) -> None:
+        if self._behind(product_id, seq):
             self._request_catch_up([product_id])
+
+    def _behind(self, product_id: str, seq: int) -> bool:
+        delivered = self._delivered.get(product_id)
+        return delivered is not None and seq > delivered
 
 
 def _payload_to(callback: Callable[[str], None]) -> Callable[[object, int, str, str], None]:

@@ -15,7 +15,13 @@ import pytest
 
 from app.auth.models import Role
 from app.events.outbox import EventRecord
-from app.events.pg_hub import PostgresHub, decode_wakeup, encode_wakeup, listen_dsn
+from app.events.pg_hub import (
+    CHANNEL,
+    PostgresHub,
+    decode_wakeup,
+    encode_wakeup,
+    listen_dsn,
+)
 from app.events.service import JOB_STAGE_EVENTS, filter_for
 from app.fleet.models import JobStage
 from app.fleet.scheduler import WorkerProfile
@@ -127,40 +133,62 @@ async def test_a_change_through_one_instance_reaches_the_other_in_order(
 
 
 @postgres_only
-async def test_a_dropped_notification_is_delivered_by_the_poll(make_runtime, make_token, watch):
+async def test_a_lost_notification_is_delivered_by_the_poll(make_runtime, make_token, watch):
     await make_token("acme", Role.MEMBER)
     instance_a = await make_runtime(hub_poll_seconds=QUIET)
     instance_b = await make_runtime(hub_poll_seconds=0.2)
-    sent: list[Sequence[tuple[str, int]]] = []
+    heard: list[tuple[str, int]] = []
 
-    async def drop(wakeups: Sequence[tuple[str, int]]) -> None:
-        sent.append(wakeups)  # the instance "dies" between its commit and its NOTIFY
+    def lose(product_id: str, seq: int) -> None:
+        heard.append((product_id, seq))  # heard, then lost before it woke anything
 
-    hub_of(instance_a).notifier = drop
+    hub_of(instance_b).on_wakeup = lose
     on_b = await watch(instance_b)
     job_id = await submit(instance_a, "acme", "never announced")
 
     [record] = await on_b.take(1)
     assert (record.entity_id, record.seq) == (job_id, 1)
-    assert sent == [[("acme", 1)]]
     assert hub_of(instance_b).polls_that_found_news >= 1
 
 
 @postgres_only
-async def test_a_failing_notify_never_fails_the_change(make_runtime, make_token, watch):
-    await make_token("acme", Role.MEMBER)
-    instance_a = await make_runtime(hub_poll_seconds=QUIET)
-    instance_b = await make_runtime(hub_poll_seconds=0.2)
+async def test_the_wakeup_is_sent_by_the_committing_transaction_only(make_runtime, make_token):
+    """The NOTIFY is part of the statement that appends the event (app.events.outbox),
+    so it is heard when that transaction commits — not before, and never when it
+    rolls back — on the lean claim/transition path as on the general one."""
+    await make_token("acme", Role.WORKER)
+    await make_token("globex", Role.WORKER)
+    runtime = await make_runtime(hub_poll_seconds=QUIET)
+    db, fleet = runtime.services.db, runtime.services.fleet
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    listener = await asyncpg.connect(listen_dsn(runtime.services.settings.database_url))
+    try:
+        await listener.add_listener(CHANNEL, lambda *args: heard.put_nowait(args[-1]))
+        job_id = await submit(runtime, "acme", "committed")
+        assert await asyncio.wait_for(heard.get(), DEADLINE) == "acme:1"
 
-    async def broken(wakeups: Sequence[tuple[str, int]]) -> None:
-        raise ConnectionResetError("NOTIFY could not be sent")
+        async def claim_and_build_then_fail() -> None:
+            async with db.unit_of_work() as session:
+                job = await fleet.claim_next_job(session, "acme", WorkerProfile("w"))
+                assert job is not None
+                assert job.id == job_id
+                await fleet.transition_job(session, "acme", job_id, job.lease_fence,
+                                           JobStage.BUILDING)
+                raise RuntimeError("rolled back")
 
-    hub_of(instance_a).notifier = broken
-    on_a, on_b = await watch(instance_a), await watch(instance_b)
-    job_id = await submit(instance_a, "acme", "committed anyway")
+        with pytest.raises(RuntimeError):
+            await claim_and_build_then_fail()
 
-    assert [r.entity_id for r in await on_a.take(1)] == [job_id]  # local fan-out first
-    assert [r.entity_id for r in await on_b.take(1)] == [job_id]
+        async with db.unit_of_work() as session:
+            await fleet.submit_job(session, "globex", JobSpec(title="t", body_md="b"))
+            await listener.execute("SELECT 1")  # whatever was sent has reached us
+            assert heard.empty()  # not before the commit
+        # Wake-ups arrive in commit order: the rolled-back acme:2 and acme:3 never were.
+        assert await asyncio.wait_for(heard.get(), DEADLINE) == "globex:1"
+        await listener.execute("SELECT 1")
+        assert heard.empty()
+    finally:
+        await listener.close()
 
 
 @postgres_only
@@ -171,11 +199,7 @@ async def test_events_missed_while_not_listening_arrive_after_reconnect(
     instance_a = await make_runtime(hub_poll_seconds=QUIET)
     instance_b = await make_runtime(hub_poll_seconds=QUIET)
     hub_b = hub_of(instance_b)
-
-    async def drop(wakeups: Sequence[tuple[str, int]]) -> None:
-        return None
-
-    hub_of(instance_a).notifier = drop
+    hub_b.on_wakeup = lambda product_id, seq: None  # deaf until it reconnects
     on_b = await watch(instance_b)
     job_id = await submit(instance_a, "acme", "committed while B was deaf")
     assert on_b.received.empty()
@@ -195,7 +219,7 @@ async def test_events_missed_while_not_listening_arrive_after_reconnect(
     assert hub_b.listener_pid not in (None, pid)
 
     # and it listens again: a normally announced change arrives without a poll
-    hub_of(instance_a).notifier = hub_of(instance_a).send_notifications
+    hub_b.on_wakeup = hub_b.wake_for
     second = await submit(instance_a, "acme", "announced again")
     assert [r.entity_id for r in await on_b.take(1)] == [second]
 
