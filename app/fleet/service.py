@@ -1,7 +1,14 @@
 """Fleet coordination: submit, claim, lease, transition, cancel, retry, reap.
 
 Services take an `AsyncSession` and never commit; the caller's unit of work does.
-Every check happens before the first write, so a refused call changes nothing.
+A refused call changes nothing.
+
+The lease holder's calls — claim, transition, heartbeat, release — take the lean
+path of `app.fleet.cycle` first: a few fixed statements, the checks in the WHERE of a
+conditional UPDATE (issue 12 §4).  When that UPDATE matches no row, or for a
+retryable failure (whose backoff is drawn in Python), they take the general path
+below: lock and read the job, check in Python, raise the reason (NOT_FOUND,
+CONFLICT) or apply the change with the ORM.  Both paths give the same results.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from app.db import database_now
 from app.errors import BadUserInputError, ConflictError, NotFoundError
 from app.events.models import EventType
 from app.events.outbox import record_event
-from app.fleet import repository
+from app.fleet import cycle, repository
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import WorkerProfile, select_job
 from app.fleet.stages import (
@@ -95,11 +102,12 @@ CandidateSource = Callable[[AsyncSession, str, WorkerProfile, datetime], Awaitab
 
 class FleetService:
     """`candidates` finds the jobs the scheduler chooses among when a worker claims;
-    the default reads the head of each priority's queue (see
-    `repository.claim_candidates`).  The benchmark swaps in a naive source."""
+    by default (None) the claim reads the head of each priority's queue in one
+    statement (`cycle.claim_heads`).  The benchmark swaps in a naive source
+    (`repository.claim_candidates` is the same choice through the ORM)."""
 
     def __init__(
-        self, policy: FleetPolicy, *, candidates: CandidateSource = repository.claim_candidates
+        self, policy: FleetPolicy, *, candidates: CandidateSource | None = None
     ) -> None:
         self.policy = policy
         self.candidates = candidates
@@ -208,31 +216,43 @@ class FleetService:
         lease_seconds: int | None = None,
         now: datetime | None = None,
     ) -> Job | None:
-        """Give `worker` the job the scheduler picks, under a new lease; None if none."""
-        now = now or await self._clock(session)
-        heads = await self.candidates(session, product_id, worker, now)
-        chosen = select_job(
-            (repository.to_candidate(job) for job in heads), worker, now,
-            self.policy.aging_seconds,
-        )
+        """Give `worker` the job the scheduler picks, under a new lease; None if none.
+
+        The heads of the queues (at most one per priority) are read — and on
+        PostgreSQL locked, `SKIP LOCKED` — in one statement that also reads the
+        database clock; `select_job` (DESIGN §3, aging included) chooses among them;
+        one UPDATE … RETURNING assigns the job (DESIGN §2: ASSIGNED, attempts + 1,
+        fence + 1, lease of `lease_seconds` or the policy's) and appends its event.
+        `now` (aware UTC) replaces the clock (tests).
+        """
+        if self.candidates is None:
+            heads, read_at = await cycle.claim_heads(session, product_id, worker, now)
+            if read_at is None:
+                return None
+            now = read_at
+        else:
+            now = now or await self._clock(session)
+            heads = [repository.to_candidate(job)
+                     for job in await self.candidates(session, product_id, worker, now)]
+        chosen = select_job(heads, worker, now, self.policy.aging_seconds)
         if chosen is None:
             return None
-        job = next(job for job in heads if job.id == chosen.id)
-        job.stage = JobStage.ASSIGNED
-        job.attempts += 1
-        job.lease_fence += 1
-        job.lease_worker_id = worker.worker_id
-        job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
-        job.not_before = None
-        job.started_at = job.started_at or now
-        job.updated_at = now
-        await self._record_stage(session, job, JobStage.QUEUED)
-        return job
+        return await cycle.assign(
+            session, product_id, chosen.id, worker.worker_id, now=now,
+            lease_seconds=lease_seconds or self.policy.lease_seconds,
+        )
 
     async def heartbeat(
         self, session: AsyncSession, product_id: str, job_id: int, fence: int,
         *, lease_seconds: int | None = None,
     ) -> Job:
+        """Extend the lease held by `fence` to now + `lease_seconds` (the policy's when
+        None).  NOT_FOUND outside the product; CONFLICT for a job that holds no lease,
+        a stale fence or an expired lease (DESIGN §2)."""
+        seconds = lease_seconds or self.policy.lease_seconds
+        beaten = await cycle.heartbeat(session, product_id, job_id, fence, seconds)
+        if beaten is not None:
+            return beaten
         now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
@@ -257,8 +277,16 @@ class FleetService:
         A job whose cost total goes over its budget ends FAILED (`budget exceeded`,
         not retryable) in this transition, whatever `to` asked for; the lease ends
         with it.  CONFLICT for a stale fence, an expired lease or a move outside the
-        graph (DESIGN §2, §4).
+        graph (DESIGN §2, §4); NOT_FOUND outside the product.
         """
+        if not (to == JobStage.FAILED and retryable):
+            delta = metrics or MetricsDelta()
+            moved = await cycle.transition(
+                session, product_id, job_id, fence, to, cost_usd=delta.cost_usd,
+                tokens_in=delta.tokens_in, tokens_out=delta.tokens_out, reason=reason,
+            )
+            if moved is not None:
+                return moved
         now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         if not can_worker_move(job.stage, to):
@@ -296,6 +324,9 @@ class FleetService:
         unchanged, so its aging goes on).  `reason` is kept in `failureReason`.  One stage-change
         event, as for any other.  Raises NotFoundError (not in the product) and
         ConflictError (no lease, stale fence, expired lease).  Issue 10 item 3."""
+        released = await cycle.release(session, product_id, job_id, fence, reason)
+        if released is not None:
+            return released
         now = await self._clock(session)
         job = await self._held_job(session, product_id, job_id, fence, now)
         source = job.stage

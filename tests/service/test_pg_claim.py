@@ -23,8 +23,8 @@ from app.background import EVENT_RETENTION_LOCK, SINGLE_RUNNER_CLASS
 from app.bridge.service import IngestOptions, write_status_and_comment
 from app.db import utcnow
 from app.events.models import Event
+from app.fleet.cycle import claim_heads_statement
 from app.fleet.models import Job, JobStage, Priority
-from app.fleet.repository import claim_heads_query
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec
 from app.main import Runtime
@@ -85,8 +85,9 @@ async def test_claim_heads_walk_the_claim_index_with_20k_queued(make_runtime, ma
         await autocommit.execute(text("ANALYZE jobs"))
 
     worker = WorkerProfile(worker_id="w", capabilities=frozenset({"os:linux"}))
+    heads, params = claim_heads_statement("acme", worker, utcnow(), postgres=True)
     async with db.read() as session:
-        [[plan]] = (await session.execute(Explain(claim_heads_query("acme", worker, utcnow()))))
+        [[plan]] = (await session.execute(Explain(heads.element), params))
         await session.rollback()
     nodes = plan_nodes(plan[0]["Plan"])
     scans = [node for node in nodes if node.get("Relation Name") == "jobs"]
