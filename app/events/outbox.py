@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Integer, String, bindparam, column, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeEngine
 
 from app.db import JsonDocument, UTCDateTime, utcnow
 from app.errors import BadUserInputError
@@ -148,14 +149,29 @@ _SQLITE_BUMP = text(
     "UPDATE products SET last_event_seq = last_event_seq + 1 WHERE id = :product_id"
     " RETURNING last_event_seq"
 ).columns(column("last_event_seq", BigInteger))
-_SQLITE_INSERT = text(
+# SQLite: the event row of a sequence already taken (`event_row_values` binds it).
+SQLITE_INSERT_EVENT_SQL = (
     "INSERT INTO events (product_id, seq, type, entity_id, from_state, to_state, payload,"
     " created_at) VALUES (:product_id, :seq, :type, :entity_id, :from_state, :to_state,"
     " :payload, :event_created_at)"
-).bindparams(
-    bindparam("seq", type_=BigInteger()), bindparam("entity_id", type_=Integer()),
-    bindparam("payload", type_=JsonDocument), EVENT_CREATED_AT,
 )
+EVENT_BIND_TYPES: dict[str, TypeEngine[Any]] = {
+    "seq": BigInteger(), "entity_id": Integer(), "payload": JsonDocument,
+    "event_created_at": UTCDateTime(),
+}
+_SQLITE_INSERT = text(SQLITE_INSERT_EVENT_SQL).bindparams(
+    *(bindparam(name, type_=type_) for name, type_ in EVENT_BIND_TYPES.items())
+)
+
+
+def event_row_values(record: EventRecord) -> dict[str, Any]:
+    """The parameters of `SQLITE_INSERT_EVENT_SQL` for `record`."""
+    return {
+        "product_id": record.product_id, "seq": record.seq, "type": record.type.value,
+        "entity_id": record.entity_id, "from_state": record.from_state,
+        "to_state": record.to_state, "payload": record.payload,
+        "event_created_at": record.created_at,
+    }
 
 
 async def record_event(
@@ -176,35 +192,20 @@ async def record_event(
     is what keeps a product's sequence in commit order on PostgreSQL.  Raises
     NoResultFound for a product that does not exist.
     """
-    values: dict[str, Any] = {
-        "product_id": product_id, "type": type.value, "entity_id": entity_id,
-        "from_state": from_state, "to_state": to_state, "payload": payload or {},
-        "event_created_at": utcnow(),
-    }
-    if session.get_bind().dialect.name == "postgresql":
-        seq = (await session.execute(_PG_RECORD, values)).scalar_one()
-    else:
-        seq = (await session.execute(_SQLITE_BUMP, {"product_id": product_id})).scalar_one()
-        await session.execute(_SQLITE_INSERT, {**values, "seq": seq})
     record = EventRecord(
-        product_id=product_id, seq=seq, type=type, entity_id=entity_id,
-        from_state=from_state, to_state=to_state, created_at=values["event_created_at"],
+        product_id=product_id, seq=0, type=type, entity_id=entity_id,
+        from_state=from_state, to_state=to_state, created_at=utcnow(),
         payload=dict(payload or {}),
     )
+    if session.get_bind().dialect.name == "postgresql":
+        seq = (await session.execute(_PG_RECORD, event_row_values(record))).scalar_one()
+        record = replace(record, seq=seq)
+    else:
+        seq = (await session.execute(_SQLITE_BUMP, {"product_id": product_id})).scalar_one()
+        record = replace(record, seq=seq)
+        await session.execute(_SQLITE_INSERT, event_row_values(record))
     remember_event(session, record)
     return record
-
-
-async def append_event_row(session: AsyncSession, record: EventRecord) -> None:
-    """SQLite: insert the event row of `record`, whose sequence the caller has already
-    taken from `products.last_event_seq` in this transaction, and remember it."""
-    await session.execute(_SQLITE_INSERT, {
-        "product_id": record.product_id, "seq": record.seq, "type": record.type.value,
-        "entity_id": record.entity_id, "from_state": record.from_state,
-        "to_state": record.to_state, "payload": record.payload,
-        "event_created_at": record.created_at,
-    })
-    remember_event(session, record)
 
 
 def remember_event(session: AsyncSession, record: EventRecord) -> None:

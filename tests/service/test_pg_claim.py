@@ -23,7 +23,7 @@ from app.background import EVENT_RETENTION_LOCK, SINGLE_RUNNER_CLASS
 from app.bridge.service import IngestOptions, write_status_and_comment
 from app.db import utcnow
 from app.events.models import Event
-from app.fleet.cycle import claim_heads_statement
+from app.fleet.cycle import pg_claim_heads_statement
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec
@@ -85,7 +85,7 @@ async def test_claim_heads_walk_the_claim_index_with_20k_queued(make_runtime, ma
         await autocommit.execute(text("ANALYZE jobs"))
 
     worker = WorkerProfile(worker_id="w", capabilities=frozenset({"os:linux"}))
-    heads, params = claim_heads_statement("acme", worker, utcnow(), postgres=True)
+    heads, params = pg_claim_heads_statement("acme", worker, utcnow())
     async with db.read() as session:
         [[plan]] = (await session.execute(Explain(heads.element), params))
         await session.rollback()
