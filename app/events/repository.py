@@ -22,6 +22,15 @@ async def events_after(
     return (await session.execute(stmt.order_by(Event.seq).limit(limit))).scalars().all()
 
 
+async def last_seq(session: AsyncSession, product_id: str) -> int:
+    """The product's last event sequence number (0 before its first event); one
+    primary-key read."""
+    last = (
+        await session.execute(select(Product.last_event_seq).where(Product.id == product_id))
+    ).scalar_one_or_none()
+    return last or 0
+
+
 async def log_bounds(session: AsyncSession, product_id: str) -> tuple[int, int | None]:
     """(the product's last sequence number, the oldest one still stored)."""
     last = (

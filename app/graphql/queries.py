@@ -8,8 +8,6 @@ import strawberry
 from strawberry.types import Info
 
 from app.auth.service import Permission
-from app.events import repository as event_repository
-from app.events.outbox import encode_event_cursor
 from app.fleet import repository as fleet_repository
 from app.fleet.models import JobStage
 from app.graphql.context import Context
@@ -25,16 +23,9 @@ from app.tracker.models import ItemStatus
 class Query:
     @strawberry.field(description="Who is calling (product and role of the token).")
     async def viewer(self, info: Info[Context, None]) -> Viewer:
+        """Reads nothing itself: `eventCursor` is read only when it is selected."""
         principal = info.context.require(Permission.READ)
-        async with info.context.read() as session:
-            last, _ = await event_repository.log_bounds(session, principal.product_id)
-        return Viewer(
-            product_id=principal.product_id,
-            role=principal.role,
-            # Before the product's first event this is the cursor of the start, so a
-            # subscriber that passes it misses nothing made after this read.
-            event_cursor=encode_event_cursor(last or 0),
-        )
+        return Viewer(product_id=principal.product_id, role=principal.role)
 
     @strawberry.field(description="One tracker item; null when no item has this id.")
     async def item(

@@ -15,7 +15,8 @@ from strawberry.types import Info
 
 from app.auth.models import Role
 from app.bridge.service import EchoResult
-from app.events.outbox import EventRecord
+from app.events import repository as event_repository
+from app.events.outbox import EventRecord, encode_event_cursor
 from app.fleet.models import Job as JobModel
 from app.fleet.models import JobStage, Priority
 from app.fleet.service import JOB_CURSOR, SubmitOutcome
@@ -93,10 +94,19 @@ def connection_of(page: Page[Any], nodes: list[T]) -> Connection[T]:
 class Viewer:
     product_id: str = strawberry.field(description="The product every read and write is scoped to.")
     role: Role = strawberry.field(description="What the token may do.")
-    event_cursor: str | None = strawberry.field(
+
+    @strawberry.field(
         description="Cursor of the product's latest event: pass it as `after` to a "
         "subscription to receive every change from this moment on."
     )
+    async def event_cursor(self, info: Info[Context, None]) -> str | None:
+        # Read only when selected (`{ viewer { role } }` reads nothing), through the
+        # query's one snapshot (app.graphql.snapshot).  Before the product's first
+        # event this is the cursor of the start, so a subscriber that passes it
+        # misses nothing made after this read.
+        async with info.context.read() as session:
+            last = await event_repository.last_seq(session, self.product_id)
+        return encode_event_cursor(last)
 
 
 @strawberry.type(description="A comment on a tracker item.")
