@@ -1,8 +1,10 @@
 """`fleetbridge token create | list | revoke` (DESIGN §7, issue 10 §2).
 
 These commands work on the database directly (DATABASE_URL), like `migrate`: they
-need no running server.  A revoke reaches running instances by a PostgreSQL NOTIFY
-(at once) or their periodic re-check (FLEET_TOKEN_CHECK_SECONDS); see app.auth.guard.
+need no running server.  A revoke reaches running instances at once — by a
+PostgreSQL NOTIFY, or on SQLite by the database's sidecar file, bumped after the
+commit (app.auth.revocations) — and their open websockets at the latest at the
+periodic re-check (FLEET_TOKEN_CHECK_SECONDS); see app.auth.guard.
 """
 
 from __future__ import annotations

@@ -78,9 +78,9 @@ class Settings(BaseSettings):
     # apart from the pool that requests use.
     event_pool_size: int = Field(default=3, ge=1, le=100)
 
-    # Tokens (app.auth.guard): how long a PostgreSQL instance may reuse a token check
-    # (revokes invalidate it at once; 0 disables), and how often the tokens of open
-    # websockets are re-checked (expiry; revokes made while a notification was lost).
+    # Tokens (app.auth.guard): how long an instance may reuse a token check, on both
+    # stores (revokes invalidate it at once; 0 disables), and how often the tokens of
+    # open websockets are re-checked (expiry; revokes on SQLite; lost notifications).
     token_cache_seconds: float = Field(default=5.0, ge=0, le=300)
     token_check_seconds: float = Field(default=1.0, gt=0, le=60)
 

@@ -19,6 +19,8 @@ from starlette.routing import Route, WebSocketRoute
 
 from app.auth.guard import TokenGuard
 from app.auth.repository import TOKEN_CHANNEL
+from app.auth.revocations import epoch as token_epoch
+from app.auth.revocations import sidecar_path
 from app.background import BackgroundLoops
 from app.bridge.service import BridgeService, ItemEchoWriter, write_status_and_comment
 from app.config import Settings, get_settings
@@ -92,7 +94,14 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
         hub = LogHub(event_db, max_queue=settings.subscriber_queue_size,
                      poll_seconds=settings.hub_poll_seconds,
                      retry_seconds=settings.stream_retry_seconds)
-        tokens = TokenGuard(db, check_seconds=settings.token_check_seconds)
+        # Revokes by other processes bump the database's sidecar file: its stat is the
+        # cache's epoch (no sidecar, e.g. in memory: nothing is cached).
+        sidecar = sidecar_path(settings.database_url)
+        tokens = TokenGuard(
+            db, cache_seconds=settings.token_cache_seconds,
+            check_seconds=settings.token_check_seconds,
+            live=(lambda: token_epoch(sidecar)) if sidecar is not None else None,
+        )
     fleet = FleetService(
         FleetPolicy(
             lease_seconds=settings.lease_seconds,

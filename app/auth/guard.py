@@ -1,17 +1,35 @@
 """Token checks for one running instance: a short cache, open websockets, last use.
 
 `TokenGuard.authenticate(secret)` is what the GraphQL view calls on every HTTP
-request and websocket `connection_init` (DESIGN §1, issue 10 §2):
+request and websocket `connection_init` (DESIGN §1, issue 10 §2, issue 12 §3):
 
-* **Cache.** On PostgreSQL a token check is kept for `FLEET_TOKEN_CACHE_SECONDS`
-  (default 5), so a busy client does not cost a database round trip per request.
-  It is only used while the event hub's LISTEN connection is up (`live()` gives its
-  server pid; a new pid — a reconnect, when revokes may have been missed — empties
-  the cache). A revoke sends a NOTIFY in its own transaction (app.auth.service
-  `revoke_tokens`); every instance drops the token at once (`revoked()`). An entry
-  never outlives its token's `expires_at`.  On SQLite there is nothing to deliver
-  such a notification (the revoking `fleetbridge token revoke` is another process),
-  and the token read is a local indexed lookup, so every request reads the row.
+* **Cache.** A token check is kept for `FLEET_TOKEN_CACHE_SECONDS` (default 5), so
+  a busy client does not cost a database read per request — on both stores, and
+  only while revokes can reach this instance at once.  `live()` names the channel
+  that tells of revokes, as an *epoch*: None while it is down (nothing is cached);
+  any new value empties the cache.
+  - PostgreSQL: the event hub's LISTEN connection, epoch = its server pid (a new pid
+    is a reconnect, when revokes may have been missed).  A revoke sends a NOTIFY in
+    its transaction (app.auth.service `revoke_tokens`); `revoked()` drops the token
+    the moment it arrives.
+  - SQLite: the revoking process (`fleetbridge token revoke`) cannot reach this
+    one's memory, so after its commit it bumps the database's sidecar file
+    (app.auth.revocations); epoch = that file's stat, one `stat` per request.
+  An entry never outlives its token's `expires_at`.
+* **The fill race.** A read that began before a revoke committed may still return
+  the token as active; caching it would hide the revoke for the whole TTL.  The
+  signal always comes *after* the commit (NOTIFY is delivered at commit; the sidecar
+  is bumped after it), and every request looks at the epoch before it reads.  Each
+  change seen — a notification (`revoked()`) or a new epoch (`_caching()`) — bumps
+  `_generation`; a read caches its result only if the generation it started under
+  is still current.  So, with R a read that saw the token active, begun before the
+  revoke's commit C, and S the signal after C: if S was observed while R ran, the
+  generation moved and R caches nothing; if not, R may cache, but the next request
+  observes S first (new epoch: cache emptied; or the notification dropped the
+  entry).  A revoke is therefore in force on this instance from its signal on — on
+  SQLite, from when `fleetbridge token revoke` returns; a request answered from the
+  cache between C and S is answered as if it had come just before C
+  (tests/service/test_token_cache.py drives both orders).
 * **Open websockets** are tracked per token.  A revoke notification closes them at
   once with 4403; every `FLEET_TOKEN_CHECK_SECONDS` (default 1) the tokens of open
   websockets are re-read, so an expiry, a revoke on SQLite, a deleted row or a lost
@@ -132,6 +150,7 @@ class TokenGuard:
         if epoch != self._cache_epoch:
             self._cache.clear()
             self._cache_epoch = epoch
+            self._generation += 1  # a read begun under the old epoch caches nothing
         return epoch is not None
 
     # -- revocation --------------------------------------------------------------

@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.auth import repository
+from app.auth import repository, revocations
 from app.auth.models import Product, Role, Token
 from app.db import utcnow
 from app.errors import BadUserInputError, ForbiddenError, NotFoundError, UnauthenticatedError
@@ -201,14 +201,17 @@ async def revoke_token(session: AsyncSession, token_id: int) -> tuple[Token, boo
 
 
 async def revoke_tokens(session: AsyncSession, token_ids: Sequence[int], now: datetime) -> None:
-    """Mark tokens revoked.  On PostgreSQL the same transaction sends a NOTIFY on
-    `TOKEN_CHANNEL`, delivered to every instance at commit (app.auth.guard drops its
-    cache entries and closes the tokens' websockets); elsewhere the instances find
-    out by re-checking (FLEET_TOKEN_CHECK_SECONDS)."""
+    """Mark tokens revoked, and announce it to every running instance at commit: on
+    PostgreSQL the same transaction sends a NOTIFY on `TOKEN_CHANNEL` (app.auth.guard
+    drops the cache entries and closes the tokens' websockets); on SQLite the commit
+    is followed by a bump of the database's sidecar file (app.auth.revocations),
+    which empties the servers' token caches.  Open websockets on SQLite close at the
+    next re-check (FLEET_TOKEN_CHECK_SECONDS)."""
     if not token_ids:
         return
     await repository.mark_revoked(session, token_ids, now)
     await repository.notify_revoked(session, token_ids)
+    revocations.announce_after_commit(session)
 
 
 async def inactive_tokens(

@@ -65,7 +65,7 @@ async def test_revoke_closes_open_websockets_and_refuses_the_next_request(
     _, other = await _token(database_url)
     client, bystander = http_client(server, secret), http_client(server, other)
     assert (await client.data(VIEWER))["viewer"] == {"productId": "acme", "role": "MEMBER"}
-    assert (await client.data(VIEWER))["viewer"]["role"] == "MEMBER"  # cached on PostgreSQL
+    assert (await client.data(VIEWER))["viewer"]["role"] == "MEMBER"  # from the cache
 
     async with ws_connect(server.ws_url, protocol, secret) as socket, \
             ws_connect(server.ws_url, protocol, other) as survivor:
@@ -176,3 +176,65 @@ async def test_token_list_shows_the_lifecycle_and_never_the_secret(database_url)
     for text in (out, table):
         assert secret.strip() not in text
         assert replacement.strip() not in text
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+async def test_sqlite_caches_token_checks_and_a_revoke_elsewhere_ends_them_at_once(
+    database_url, live_server, http_client
+):
+    """The cache is on for SQLite too; `fleetbridge token revoke` (another process)
+    bumps the database's sidecar after its commit, and the very next request is
+    refused — with the periodic re-check a minute away, only the sidecar can do it."""
+    server = await live_server(token_check_seconds=60.0)
+    guard = server.services.tokens
+    token_id, secret = await _token(database_url)
+    _, other = await _token(database_url)
+    client, bystander = http_client(server, secret), http_client(server, other)
+    for _ in range(3):
+        assert (await client.data(VIEWER))["viewer"]["role"] == "MEMBER"
+    assert (await bystander.data(VIEWER))["viewer"]["role"] == "MEMBER"
+    hits = guard.cache_hits
+    assert hits >= 2  # the token was read once, then served from the cache
+
+    code, _, err = await run_cli("token", "revoke", str(token_id),
+                                 env=cli_env(DATABASE_URL=database_url))
+    assert code == 0, err
+    assert error_codes(await client.execute(VIEWER)) == ["UNAUTHENTICATED"]
+    assert (await bystander.data(VIEWER))["viewer"]["role"] == "MEMBER"
+
+    # `token create --replace` revokes too, from another process
+    env = cli_env(DATABASE_URL=database_url)
+    code, first, err = await run_cli("token", "create", "--product", "acme", "--role",
+                                     "worker", "--name", "ci", env=env)
+    assert code == 0, err
+    replaced = http_client(server, first.strip())
+    for _ in range(2):
+        assert (await replaced.data(VIEWER))["viewer"]["role"] == "WORKER"
+    code, _, err = await run_cli("token", "create", "--product", "acme", "--role", "worker",
+                                 "--name", "ci", "--replace", env=env)
+    assert code == 0, err
+    assert error_codes(await replaced.execute(VIEWER)) == ["UNAUTHENTICATED"]
+    assert guard.cache_hits > hits
+
+
+async def test_a_deleted_token_is_refused_at_once(store, database_url, live_server, http_client):
+    """Deleting a token row through the ORM is announced like a revoke (a NOTIFY on
+    PostgreSQL, the sidecar on SQLite): its cached check does not outlive it."""
+    server = await live_server(token_check_seconds=60.0)
+    token_id, secret = await _token(database_url)
+    client = http_client(server, secret)
+    for _ in range(2):
+        assert (await client.data(VIEWER))["viewer"]["role"] == "MEMBER"
+    db = Database(create_engine(database_url))  # as another process would
+    try:
+        async with db.unit_of_work() as session:
+            await session.delete(await session.get(Token, token_id))
+    finally:
+        await db.dispose()
+    deadline = time.monotonic() + CLOSED_WITHIN
+    while store == "postgres" and token_id in {
+        entry.principal.token_id for entry in server.services.tokens._cache.values()
+    }:  # the NOTIFY arrives asynchronously on PostgreSQL
+        assert time.monotonic() < deadline, "the deletion was never announced"
+        await asyncio.sleep(0.02)
+    assert error_codes(await client.execute(VIEWER)) == ["UNAUTHENTICATED"]
