@@ -19,13 +19,13 @@ from strawberry.extensions import (
     MaskErrors,
     MaxTokensLimiter,
     SchemaExtension,
-    ValidationCache,
 )
 from strawberry.extensions.max_aliases import create_validator as alias_limit_rule
 from strawberry.extensions.query_depth_limiter import create_validator as depth_limit_rule
 from strawberry.types import ExecutionContext
 
 from app.errors import FleetError, quote
+from app.graphql.documents import CachedDocuments
 from app.graphql.guards import RequestGuards
 from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
@@ -41,11 +41,9 @@ MAX_TOKENS = 5_000
 MAX_ALIASES = 50
 TOKEN_LIMIT_MESSAGE = "Syntax Error: Document contains more than"
 MAX_MESSAGE = 300  # characters of an error message
-# Validation results kept per process (LRU, bounded: unique hostile query texts only
-# evict), keyed by (schema, document, rules): they hit only because the rules below are
-# built once.  (strawberry's ParserCache is left out: a parse error raised from it skips
-# the error masking, so the token limit's refusal would lose its code.)
-DOCUMENT_CACHE_SIZE = 256
+# Parsed documents and their validation results are kept per process
+# (app.graphql.documents: LRU, bounded); validation results are keyed by the rules,
+# so they hit only because the rules below are built once.
 
 # The depth and alias limits as validation rule classes, built once for the process.
 # strawberry's QueryDepthLimiter/MaxAliasesLimiter build a new rule class per instance,
@@ -143,7 +141,7 @@ schema = FleetSchema(
         NoteOperationName,
         lambda: MaxTokensLimiter(max_token_count=MAX_TOKENS),
         LimitRules,
-        lambda: ValidationCache(maxsize=DOCUMENT_CACHE_SIZE),
+        CachedDocuments,  # after the limits: they set the parse options and rules
         RequestGuards,  # before the snapshot opens: a refusal reads nothing
         OneSnapshotPerQuery,
         MaskUnexpectedErrors,
