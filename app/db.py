@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     select,
 )
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
@@ -117,8 +118,26 @@ def create_engine(
         connect_args["server_settings"] = {
             "statement_timeout": str(int(timeout_seconds * 1000)),
         }
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_async_engine(database_url, connect_args=connect_args, **kwargs)
+    engine = create_async_engine(database_url, connect_args=connect_args, **kwargs)
+    _drop_closed_connections_at_checkout(engine)
+    return engine
+
+
+def _drop_closed_connections_at_checkout(engine: AsyncEngine) -> None:
+    """No pre-ping (a round trip per checkout — three on asyncpg: BEGIN, `;`,
+    ROLLBACK): a pooled connection whose server end is known to be gone (asyncpg saw
+    the socket close: a server restart, `pg_terminate_backend`, an idle-connection
+    killer) is replaced at checkout, with no round trip at all, and so are the
+    pool's other connections older than it.  One whose death was not noticed yet
+    fails its first statement, and app.uow retries that once on a fresh connection
+    (`FleetSession`).  A connection that is silently dead (a partition) would make a
+    ping wait just as long as a statement: FLEET_DB_TIMEOUT_SECONDS bounds both."""
+
+    @event.listens_for(engine.sync_engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        driver = record.driver_connection
+        if driver is not None and driver.is_closed():
+            raise sa_exc.InvalidatePoolError("the server closed this pooled connection")
 
 
 def snapshot_engine(engine: AsyncEngine) -> AsyncEngine:

@@ -13,6 +13,11 @@ error (`store_unavailable`).  The connection it happened on is invalidated (clos
 without a round trip), so nothing waits on a dead peer and the pool never hands it
 out again.  A unit of work that failed committed nothing; one whose COMMIT itself
 was cut off may or may not have committed, all of it or none of it.
+
+One exception: a pooled connection that was already dead when it was handed out
+(the pool does not ping, app.db) fails the statement that began the transaction;
+that one statement runs again, once, on a fresh connection (`FleetSession`), so a
+database restart or a killed backend costs no request an error.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy import exc as sa_exc
@@ -56,6 +62,7 @@ _STORE_FAILURES: tuple[type[BaseException], ...] = (
 )
 
 CommitHook = Callable[[Sequence[EventRecord]], Awaitable[None]]
+T = TypeVar("T")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -86,6 +93,65 @@ def is_store_failure(exc: BaseException) -> bool:
     return False
 
 
+def found_dead(exc: BaseException) -> bool:
+    """True when `exc` says the pooled connection a statement ran on was already dead
+    (SQLAlchemy saw a disconnect and invalidated it, and with it the pool's older
+    connections) — not a timeout, which a second try would only wait out again."""
+    return (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+        and not any(isinstance(error, TimeoutError | sa_exc.TimeoutError)
+                    for error in _chain(exc))
+    )
+
+
+class FleetSession(AsyncSession):
+    """An AsyncSession whose first statement is retried once, on a fresh connection,
+    when the pooled connection it was handed turns out to be dead (`found_dead`).
+
+    The pool does not ping a connection before handing it out (app.db), so a server
+    restart or a killed backend shows up as the failure of the first statement that
+    uses it.  That statement began the transaction — nothing was pending, nothing was
+    loaded, nothing else ran in it — so running it again on a new connection is
+    the same as having been given a good one: the request succeeds instead of
+    answering SERVICE_UNAVAILABLE.  Only `execute` (and `scalars`, through it),
+    `scalar` and `get` are retried, and only when they begin the session's first
+    transaction; any later failure is reported as before.  A second failure, or a
+    connect that fails, is SERVICE_UNAVAILABLE as always.
+    """
+
+    retried = 0  # first statements run again (process-wide; tests, diagnostics)
+
+    def _first_statement(self) -> bool:
+        return not self.in_transaction() and not self.identity_map
+
+    async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except sa_exc.DBAPIError as exc:
+            if not found_dead(exc):
+                raise
+            logger.info("a pooled connection was dead (%s); retrying on a fresh one",
+                        type(exc.orig).__name__ if exc.orig is not None else "?")
+        await self.rollback()
+        FleetSession.retried += 1
+        return await call()
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._first_statement():
+            return await super().execute(*args, **kwargs)
+        return await self._retried(lambda: super(FleetSession, self).execute(*args, **kwargs))
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._first_statement():
+            return await super().scalar(*args, **kwargs)
+        return await self._retried(lambda: super(FleetSession, self).scalar(*args, **kwargs))
+
+    async def get(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._first_statement():
+            return await super().get(*args, **kwargs)
+        return await self._retried(lambda: super(FleetSession, self).get(*args, **kwargs))
+
+
 def store_unavailable(exc: BaseException) -> StoreUnavailableError:
     """The client-facing error for a store failure (raise it `from exc`)."""
     if isinstance(exc, StoreUnavailableError):
@@ -101,13 +167,12 @@ class Database:
         # Fault seam (tests): awaited with the committed events in the caller's task right
         # after a commit, before they are published (to cancel the caller just there).
         self.after_commit: CommitHook | None = None
-        self._reader = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
-        self._writer = async_sessionmaker(
-            writer_engine(engine), expire_on_commit=False, autoflush=False
-        )
-        self._snapshot = async_sessionmaker(
-            snapshot_engine(engine), expire_on_commit=False, autoflush=False
-        )
+        options: dict[str, Any] = {
+            "class_": FleetSession, "expire_on_commit": False, "autoflush": False,
+        }
+        self._reader = async_sessionmaker(engine, **options)
+        self._writer = async_sessionmaker(writer_engine(engine), **options)
+        self._snapshot = async_sessionmaker(snapshot_engine(engine), **options)
 
     @property
     def dialect(self) -> str:
