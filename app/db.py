@@ -35,6 +35,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, QueryableAttribute
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
@@ -154,6 +155,26 @@ def writer_engine(engine: AsyncEngine) -> AsyncEngine:
     if engine.dialect.name != "sqlite":
         return engine
     return engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
+
+
+def sqlite_writer(engine: AsyncEngine) -> AsyncEngine | None:
+    """SQLite: an engine of its own for units of work, on the same file, with a pool
+    of ONE connection (issue 12 §4).  SQLite lets one writer in at a time; with the
+    writes spread over the readers' pool, every waiting unit of work held a
+    connection and slept in SQLite's busy handler (polling, with growing sleeps),
+    while readers waited for connections.  With one writer connection the units of
+    work of this process queue in the pool instead — in order, woken the moment the
+    connection is returned, the wait bounded by the pool timeout
+    (FLEET_DB_TIMEOUT_SECONDS, then SERVICE_UNAVAILABLE as any pool wait) — and the
+    busy handler only ever waits for another process's writer (a CLI command, a
+    second server).  Reads keep the other pool, and WAL lets them run meanwhile.
+    None for other stores (their writes share the pool)."""
+    if engine.dialect.name != "sqlite" or not isinstance(engine.pool, QueuePool):
+        return None
+    return create_engine(
+        engine.url.render_as_string(hide_password=False),
+        timeout_seconds=engine.pool.timeout(), pool_size=1, max_overflow=0,
+    )
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_timeout_seconds: float) -> None:

@@ -32,7 +32,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import snapshot_engine, writer_engine
+from app.db import snapshot_engine, sqlite_writer, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
 from app.tasks import run_to_completion
@@ -170,9 +170,21 @@ class Database:
         options: dict[str, Any] = {
             "class_": FleetSession, "expire_on_commit": False, "autoflush": False,
         }
+        self._options = options
         self._reader = async_sessionmaker(engine, **options)
-        self._writer = async_sessionmaker(writer_engine(engine), **options)
         self._snapshot = async_sessionmaker(snapshot_engine(engine), **options)
+        # SQLite: units of work have one connection of their own (app.db.sqlite_writer),
+        # made at the first unit of work; elsewhere they share `engine`'s pool.
+        self._writer: async_sessionmaker[AsyncSession] | None = None
+        self.writer_engine: AsyncEngine | None = None
+
+    def _writer_sessions(self) -> async_sessionmaker[AsyncSession]:
+        if self._writer is None:
+            self.writer_engine = sqlite_writer(self.engine)
+            self._writer = async_sessionmaker(
+                writer_engine(self.writer_engine or self.engine), **self._options
+            )
+        return self._writer
 
     @property
     def dialect(self) -> str:
@@ -195,9 +207,11 @@ class Database:
     async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
         """A write transaction: commit on success, roll back on any error.
 
-        On SQLite the transaction takes the write lock when it begins, so units of
-        work never interleave and never fail with "database is locked" (unless the
-        lock is not free within FLEET_DB_TIMEOUT_SECONDS: SERVICE_UNAVAILABLE).
+        On SQLite units of work run on one connection of their own (the process's
+        writers queue for it in the pool) and take the write lock when they begin,
+        so they never interleave and never fail with "database is locked" (unless
+        the connection or, held by another process, the lock is not free within
+        FLEET_DB_TIMEOUT_SECONDS: SERVICE_UNAVAILABLE).
 
         Once the commit has happened, its events are handed to `on_commit` even if the
         caller is cancelled meanwhile (a client dropping its socket): the commit and
@@ -206,7 +220,9 @@ class Database:
         """
         committed: list[list[EventRecord]] = []
         try:
-            async with self.session(self._writer, commit=True, committed=committed) as session:
+            async with self.session(
+                self._writer_sessions(), commit=True, committed=committed
+            ) as session:
                 yield session
             if self.after_commit is not None:
                 await self.after_commit(committed[0])
@@ -249,6 +265,8 @@ class Database:
             raise
 
     async def dispose(self) -> None:
+        if self.writer_engine is not None:
+            await self.writer_engine.dispose()
         await self.engine.dispose()
 
 

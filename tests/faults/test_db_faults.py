@@ -366,3 +366,48 @@ async def test_only_a_first_statement_on_a_dead_connection_runs_again(database_u
         assert FleetSession.retried == retried
     finally:
         await db.dispose()
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+async def test_sqlite_units_of_work_queue_for_one_writer_connection(database_url: str) -> None:
+    """SQLite: units of work have one connection of their own; many at once queue for
+    it (none sees "database is locked"), reads go on while it is held, and a wait for
+    it past the timeout is SERVICE_UNAVAILABLE."""
+    from app.auth.models import Product
+    from app.db import create_engine
+    from app.errors import StoreUnavailableError
+    from app.uow import Database
+
+    db = Database(create_engine(database_url, timeout_seconds=TIMEOUT))
+    try:
+        async def write(n: int) -> None:
+            async with db.unit_of_work() as session:
+                session.add(Product(id=f"p{n}"))
+                await session.flush()
+                await asyncio.sleep(0)  # let the others queue meanwhile
+
+        await asyncio.gather(*(write(n) for n in range(30)))
+        assert db.writer_engine is not None
+        assert db.writer_engine.pool.size() == 1  # type: ignore[attr-defined]
+        async with db.read() as session:
+            count = await session.scalar(select(func.count()).select_from(Product))
+        assert count == 30
+
+        async def blocked() -> None:
+            async with db.unit_of_work() as session:
+                session.add(Product(id="late"))
+
+        async with db.unit_of_work() as holder:  # holds the writer connection
+            holder.add(Product(id="held"))
+            await holder.flush()
+            async with db.read() as session:  # WAL: reads are not blocked
+                assert await session.scalar(select(func.count()).select_from(Product)) == 30
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailableError):
+                await blocked()
+            assert TIMEOUT * 0.9 <= time.monotonic() - started < BOUND
+        await blocked()  # free again
+        async with db.read() as session:
+            assert await session.scalar(select(func.count()).select_from(Product)) == 32
+    finally:
+        await db.dispose()
