@@ -28,9 +28,9 @@ service edits a parsed document.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from graphql import ASTValidationRule, DocumentNode, GraphQLError, GraphQLSchema, parse
 from strawberry.extensions import SchemaExtension
@@ -40,12 +40,14 @@ DOCUMENT_CACHE_SIZE = 256
 MAX_CACHED_CHARS = 20_000
 
 Rules = tuple[type[ASTValidationRule], ...]
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
 class _Entry:
     document: DocumentNode | None  # None: the text does not parse (not cached)
     validated: dict[Rules, tuple[GraphQLError, ...]] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)  # see DocumentCache.fact
 
 
 @dataclass(slots=True)
@@ -121,6 +123,19 @@ class DocumentCache:
         else:
             self.stats.validation_hits += 1
         return [_copy(error) for error in errors]
+
+
+    def fact(self, document: DocumentNode, name: str, compute: Callable[[DocumentNode], T]) -> T:
+        """`compute(document)`, kept with the document when it came from the cache
+        (what the request guards derive from a document alone, app.graphql.guards).
+        `compute` must depend on nothing but the document."""
+        entry = self._by_document.get(id(document))
+        if entry is None or entry.document is not document:
+            return compute(document)
+        if name not in entry.facts:
+            entry.facts[name] = compute(document)
+        value: T = entry.facts[name]
+        return value
 
 
 DOCUMENTS = DocumentCache()

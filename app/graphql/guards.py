@@ -43,6 +43,7 @@ from graphql.validation import NoSchemaIntrospectionCustomRule
 from strawberry.extensions import SchemaExtension
 
 from app.errors import BadUserInputError, QueryRefusedError
+from app.graphql.documents import DOCUMENTS
 from app.limits import PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX
 
 SURROGATES_MESSAGE = "must be valid Unicode text (no lone surrogate characters)"
@@ -108,17 +109,27 @@ def _walk_value(node: ValueNode, path: str) -> Iterator[tuple[str, ValueNode]]:
             yield from _walk_value(inner, path)
 
 
-def check_storable_text(document: DocumentNode, variables: Mapping[str, Any] | None) -> None:
-    """Raise `BadUserInputError` naming the field of the first lone surrogate in a
-    string argument (literal or variable).  A variable is named by where the document
-    uses it (`createItem(input: {title: $t})` → `input.title`), else as `$name`."""
+def _text_facts(document: DocumentNode) -> tuple[str | None, dict[str, str]]:
+    """(the path of the first literal string that cannot be stored, or None; where
+    each variable is first used) — the document's part of `check_storable_text`, the
+    same for every request of one document (kept by app.graphql.documents)."""
     used_at: dict[str, str] = {}
     for name, value in _argument_values(document):
         for path, node in _walk_value(value, name):
             if isinstance(node, StringValueNode) and not is_storable(node.value):
-                raise BadUserInputError(path, SURROGATES_MESSAGE)
+                return path, used_at
             if isinstance(node, VariableNode):
                 used_at.setdefault(node.name.value, path)
+    return None, used_at
+
+
+def check_storable_text(document: DocumentNode, variables: Mapping[str, Any] | None) -> None:
+    """Raise `BadUserInputError` naming the field of the first lone surrogate in a
+    string argument (literal or variable).  A variable is named by where the document
+    uses it (`createItem(input: {title: $t})` → `input.title`), else as `$name`."""
+    bad_literal, used_at = DOCUMENTS.fact(document, "text", _text_facts)
+    if bad_literal is not None:
+        raise BadUserInputError(bad_literal, SURROGATES_MESSAGE)
     if not isinstance(variables, Mapping):
         return  # not an object: graphql-core refuses it on its own
     for name, value in variables.items():
