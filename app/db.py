@@ -15,6 +15,7 @@ committed in between; an immediate one waits its turn instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,11 +32,12 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Engine
+from sqlalchemy.engine.base import OptionEngine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, QueryableAttribute
-from sqlalchemy.pool import QueuePool
+from sqlalchemy.pool import Pool, QueuePool
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.visitors import InternalTraversal
 from sqlalchemy.types import TypeDecorator
@@ -157,24 +159,53 @@ def writer_engine(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(**{BEGIN_MODE_OPTION: "IMMEDIATE"})
 
 
-def sqlite_writer(engine: AsyncEngine) -> AsyncEngine | None:
-    """SQLite: an engine of its own for units of work, on the same file, with a pool
-    of ONE connection (issue 12 §4).  SQLite lets one writer in at a time; with the
-    writes spread over the readers' pool, every waiting unit of work held a
-    connection and slept in SQLite's busy handler (polling, with growing sleeps),
-    while readers waited for connections.  With one writer connection the units of
-    work of this process queue in the pool instead — in order, woken the moment the
-    connection is returned, the wait bounded by the pool timeout
-    (FLEET_DB_TIMEOUT_SECONDS, then SERVICE_UNAVAILABLE as any pool wait) — and the
-    busy handler only ever waits for another process's writer (a CLI command, a
-    second server).  Reads keep the other pool, and WAL lets them run meanwhile.
+class _PoolOfItsOwn(OptionEngine):
+    """An engine with `proxied`'s dialect, execution options and event listeners —
+    so a `before_cursor_execute` listener on the main engine sees the writes too,
+    and its `begin` listener issues the BEGIN — but a connection pool of its own."""
+
+    def __init__(self, proxied: Engine, pool: Pool, options: dict[str, Any]) -> None:
+        self._own_pool = pool
+        super().__init__(proxied, options)
+
+    @property
+    def pool(self) -> Pool:
+        return self._own_pool
+
+    @pool.setter
+    def pool(self, pool: Pool) -> None:
+        self._own_pool = pool
+
+
+@dataclass(frozen=True, slots=True)
+class SqliteWriter:
+    engine: AsyncEngine  # what units of work use
+    owner: AsyncEngine  # owns its one-connection pool: dispose this one
+
+
+def sqlite_writer(engine: AsyncEngine) -> SqliteWriter | None:
+    """SQLite: an engine for units of work, on the same file, with a pool of ONE
+    connection (issue 12 §4), whose transactions take the write lock when they begin.
+
+    SQLite lets one writer in at a time; with the writes spread over the readers'
+    pool, every waiting unit of work held a connection and slept in SQLite's busy
+    handler (polling, with growing sleeps) while readers waited for connections.
+    With one writer connection the units of work of this process queue in its pool
+    instead — in order, woken the moment the connection is returned, the wait bounded
+    by the pool timeout (FLEET_DB_TIMEOUT_SECONDS, then SERVICE_UNAVAILABLE as any
+    pool wait) — and the busy handler only ever waits for another process's writer
+    (a CLI command, a second server).  Reads keep `engine`'s pool, and WAL lets them
+    run meanwhile.  The writer shares `engine`'s event listeners (`_PoolOfItsOwn`).
     None for other stores (their writes share the pool)."""
     if engine.dialect.name != "sqlite" or not isinstance(engine.pool, QueuePool):
         return None
-    return create_engine(
+    owner = create_engine(
         engine.url.render_as_string(hide_password=False),
         timeout_seconds=engine.pool.timeout(), pool_size=1, max_overflow=0,
     )
+    writer = _PoolOfItsOwn(engine.sync_engine, owner.sync_engine.pool,
+                           {BEGIN_MODE_OPTION: "IMMEDIATE"})
+    return SqliteWriter(engine=AsyncEngine(writer), owner=owner)
 
 
 def _configure_sqlite(engine: AsyncEngine, busy_timeout_seconds: float) -> None:

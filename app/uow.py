@@ -32,7 +32,7 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from app.db import snapshot_engine, sqlite_writer, writer_engine
+from app.db import SqliteWriter, snapshot_engine, sqlite_writer, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
 from app.tasks import run_to_completion
@@ -175,14 +175,21 @@ class Database:
         self._snapshot = async_sessionmaker(snapshot_engine(engine), **options)
         # SQLite: units of work have one connection of their own (app.db.sqlite_writer),
         # made at the first unit of work; elsewhere they share `engine`'s pool.
+        # Event listeners on `engine` see their statements too.
         self._writer: async_sessionmaker[AsyncSession] | None = None
-        self.writer_engine: AsyncEngine | None = None
+        self._sqlite_writer: SqliteWriter | None = None
+
+    @property
+    def writer_engine(self) -> AsyncEngine | None:
+        """SQLite: the engine units of work run on (its pool: one connection), once
+        one has run; None elsewhere."""
+        return self._sqlite_writer.engine if self._sqlite_writer is not None else None
 
     def _writer_sessions(self) -> async_sessionmaker[AsyncSession]:
         if self._writer is None:
-            self.writer_engine = sqlite_writer(self.engine)
+            self._sqlite_writer = sqlite_writer(self.engine)
             self._writer = async_sessionmaker(
-                writer_engine(self.writer_engine or self.engine), **self._options
+                self.writer_engine or writer_engine(self.engine), **self._options
             )
         return self._writer
 
@@ -265,8 +272,8 @@ class Database:
             raise
 
     async def dispose(self) -> None:
-        if self.writer_engine is not None:
-            await self.writer_engine.dispose()
+        if self._sqlite_writer is not None:
+            await self._sqlite_writer.owner.dispose()
         await self.engine.dispose()
 
 

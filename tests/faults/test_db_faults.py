@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import event as sa_event
 from sqlalchemy import func, select, text
 
 from app.auth.models import Role
@@ -386,8 +387,19 @@ async def test_sqlite_units_of_work_queue_for_one_writer_connection(database_url
                 await session.flush()
                 await asyncio.sleep(0)  # let the others queue meanwhile
 
-        await asyncio.gather(*(write(n) for n in range(30)))
+        sent: list[str] = []  # listeners on the main engine see the writer's statements
+
+        def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+            sent.append(statement)
+
+        sa_event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+        try:
+            await asyncio.gather(*(write(n) for n in range(30)))
+        finally:
+            sa_event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+        assert sum(statement.startswith("INSERT INTO products") for statement in sent) == 30
         assert db.writer_engine is not None
+        assert db.writer_engine.pool is not db.engine.pool
         assert db.writer_engine.pool.size() == 1  # type: ignore[attr-defined]
         async with db.read() as session:
             count = await session.scalar(select(func.count()).select_from(Product))
