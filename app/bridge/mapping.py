@@ -9,6 +9,7 @@ from datetime import datetime
 
 from app.errors import BadUserInputError
 from app.fleet.models import JobStage, Priority
+from app.fleet.stages import is_terminal
 from app.tracker.models import ItemStatus
 
 ENGINE_CLASS_LABEL = "engine-class:"
@@ -146,6 +147,33 @@ def plan_echo(
         set_status=set_status,
         comment=terminal_pending or (news and not cancelled),
         bridge_status=status if set_status is not None or adopted else bridge_status,
+    )
+
+
+def decide_echo(
+    *,
+    stage: JobStage,
+    job_stage: JobStage,
+    echoed_stage: JobStage | None,
+    job_last_status: ItemStatus | None,
+    item_status: ItemStatus,
+    bridge_status: ItemStatus | None,
+    latest: bool,
+) -> EchoPlan | None:
+    """What echoing `stage` of a job (now in `job_stage`) writes, from what the echo
+    read: the job's record of its echoes (`echoed_stage`, `job_last_status`) and the
+    item.  None when there is nothing to write at all: `stage` was echoed already
+    (idempotence: an unchanged outcome writes nothing).
+
+    A terminal stage that is the job's current one and not echoed yet is
+    `terminal_pending`: its comment with the totals is written, once (`plan_echo`).
+    """
+    if echoed_stage == stage:
+        return None
+    return plan_echo(
+        stage=stage, job_last_status=job_last_status,
+        terminal_pending=is_terminal(stage) and stage == job_stage,
+        item_status=item_status, bridge_status=bridge_status, latest=latest,
     )
 
 

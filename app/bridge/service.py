@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.bridge import repository as bridge_repository
 from app.bridge import steering
-from app.bridge.mapping import JobFigures, echo_comment, item_status_for_stage, plan_echo
+from app.bridge.mapping import (
+    EchoPlan,
+    JobFigures,
+    decide_echo,
+    echo_comment,
+    item_status_for_stage,
+)
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
 from app.db import utcnow
@@ -29,9 +36,8 @@ from app.errors import FleetError, NotFoundError
 from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.fleet import repository as fleet_repository
-from app.fleet.models import Job, JobStage
+from app.fleet.models import JobStage
 from app.fleet.service import FleetService, SubmitResult
-from app.fleet.stages import is_terminal
 from app.tracker import repository as tracker_repository
 from app.tracker import service as tracker_service
 from app.tracker.models import CommentKind, Item, ItemStatus
@@ -51,22 +57,44 @@ class EchoResult:
     item: Item | None
 
 
+@dataclass(frozen=True, slots=True)
+class EchoTarget:
+    """The item an echo writes onto, as the echo read it under the item's row lock."""
+
+    id: int
+    product_id: str
+    status: ItemStatus
+
+
 class ItemEchoWriter(Protocol):
     async def __call__(
-        self, session: AsyncSession, item: Item, status: ItemStatus | None, comment: str
+        self, session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
     ) -> None: ...
 
 
 async def write_status_and_comment(
-    session: AsyncSession, item: Item, status: ItemStatus | None, comment: str
+    session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
 ) -> None:
-    """Set the item's status (`None`: leave it as it is) and add the metrics comment."""
-    if status is not None:
-        await tracker_service.set_status(session, item, status)
-    await tracker_service.add_comment(
+    """Set the item's status (`None`: leave it as it is), recorded as the status the
+    bridge owns, and add the metrics comment: one UPDATE and one INSERT, each with its
+    event."""
+    now = utcnow()
+    if status is not None and status != item.status:
+        await tracker_service.set_status_by_bridge(
+            session, item.product_id, item.id, previous=item.status, status=status, now=now
+        )
+    await tracker_service.add_comment_to_held_item(
         session, item.product_id, item.id, body=comment, author=SYSTEM_AUTHOR,
-        kind=CommentKind.SYSTEM,
+        kind=CommentKind.SYSTEM, now=now,
     )
+
+
+@dataclass(slots=True)
+class _ItemSeen:
+    """An item's status as the echoes of one unit of work have left it so far."""
+
+    status: ItemStatus
+    bridge_status: ItemStatus | None
 
 
 class BridgeService:
@@ -120,43 +148,40 @@ class BridgeService:
         self, product_id: str, job_id: int, stage: JobStage | None = None
     ) -> EchoResult:
         """Echo a job's stage (`stage`, default its current one) onto its item, in a
-        transaction of its own, by DESIGN §4's echo rules (`mapping.plan_echo`).
+        transaction of its own, by DESIGN §4's echo rules (`mapping.decide_echo`).
 
         `echoed` is the status set on the item (None when none was: nothing to
-        change, or a person's status wins).  A failure to write the item is logged,
-        returned as `error` and retried later by the sweeper for the stage attempted.
-        Raises NOT_FOUND for a job not in `product_id`.
+        change, or a person's status wins); `item` the item as the echo left it.  A
+        failure to write the item is logged, returned as `error` and retried later by
+        the sweeper for the stage attempted.  Raises NOT_FOUND for a job not in
+        `product_id`.
         """
-        attempted = stage
-        try:
-            async with self.db.unit_of_work() as session:
-                job = await fleet_repository.get_job(session, product_id, job_id)
-                if job is None:
-                    raise NotFoundError("job", job_id)
-                attempted = stage or job.stage
-                return await self._echo(session, job, attempted)
-        except NotFoundError:
-            raise
-        except Exception as exc:
-            logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
-            if self.on_echo_failure is not None:
-                self.on_echo_failure()
-            await self._schedule_retry(product_id, job_id, attempted)
-            return EchoResult(echoed=None, error=_echo_error(exc), item=None)
+        return await self._echo_one(product_id, job_id, stage, with_item=True)
 
     async def echo_stage_changes(self, records: Sequence[EventRecord]) -> None:
         """After-commit reaction (FLEET_TRACKER_ECHO on): echo every tracker-linked job
-        whose stage just changed.  A job's creation counts as its move to QUEUED."""
-        jobs = {
-            (r.product_id, r.entity_id): None
-            for r in records
-            if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None
-        }
-        for product_id, job_id in jobs:
-            try:
-                await self.echo_job(product_id, job_id)
-            except Exception:  # an echo never fails the change that caused it
-                logger.exception("echo of job %s failed", job_id)
+        whose stage just changed, at its current stage.  A job's creation counts as its
+        move to QUEUED.
+
+        The events carry the job and product, so the echo starts with its one read of
+        item and job.  The jobs of one commit (an item's cancelled jobs, a reaper pass)
+        are echoed together in one unit of work, in the commit's order; when that
+        fails, each is echoed on its own, so one item's failure never holds back
+        another's echo and is retried by itself.
+        """
+        by_product: dict[str, dict[int, None]] = {}
+        for r in records:
+            if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
+                by_product.setdefault(r.product_id, {})[r.entity_id] = None
+        for product_id, jobs in by_product.items():
+            job_ids = list(jobs)
+            if len(job_ids) > 1 and await self._echo_together(product_id, job_ids):
+                continue
+            for job_id in job_ids:
+                try:
+                    await self._echo_one(product_id, job_id, None, with_item=False)
+                except Exception:  # an echo never fails the change that caused it
+                    logger.exception("echo of job %s failed", job_id)
 
     async def sweep_echoes(self, *, every_stage_change: bool, limit: int = 100) -> int:
         """Retry echoes whose items have not caught up; return how many succeeded."""
@@ -173,42 +198,90 @@ class BridgeService:
             caught_up += result.error is None
         return caught_up
 
-    async def _echo(self, session: AsyncSession, job: Job, stage: JobStage) -> EchoResult:
-        if job.tracker_item_id is None:
-            return EchoResult(echoed=None, error=None, item=None)
-        # The item first, then the job: the lock order of every item write.
-        item = await tracker_repository.get_item(
-            session, job.product_id, job.tracker_item_id, for_update=True
-        )
-        await session.refresh(job, with_for_update=True)
-        if item is None:
-            return EchoResult(echoed=None, error=None, item=None)
-        terminal_pending = is_terminal(stage) and stage == job.stage and job.echoed_stage != stage
-        if job.echoed_stage == stage:  # this stage's echo is done: nothing to write
-            return EchoResult(echoed=None, error=None, item=item)
-        latest = await fleet_repository.latest_job_id_of_item(
-            session, job.product_id, item.id
-        ) == job.id
-        plan = plan_echo(
-            stage=stage, job_last_status=job.last_echoed_status,
-            terminal_pending=terminal_pending, item_status=item.status,
-            bridge_status=item.bridge_status, latest=latest,
-        )
-        if plan.comment:
-            figures = replace(_figures(job), stage=stage)
-            await self.echo_writer(
-                session, item, plan.set_status, echo_comment(figures, plan.set_status, utcnow())
-            )
-        item.bridge_status = plan.bridge_status
-        status = item_status_for_stage(stage)
-        if status is not None:
-            job.last_echoed_status = status
-        job.echoed_stage = stage
-        job.echo_attempts = 0
-        job.echo_retry_at = None
-        job.echo_retry_stage = None
-        await session.flush()
-        return EchoResult(echoed=plan.set_status, error=None, item=item)
+    async def _echo_one(
+        self, product_id: str, job_id: int, stage: JobStage | None, *, with_item: bool
+    ) -> EchoResult:
+        """One job's echo in a unit of work of its own; a failure is logged, counted
+        and scheduled for a retry of the stage attempted (see `echo_job`)."""
+        attempted = stage
+        try:
+            async with self.db.unit_of_work() as session:
+                rows = await bridge_repository.echo_rows(
+                    session, product_id, [job_id], lock=True
+                )
+                if not rows:  # no item (any more), or no such job in this product
+                    if not await bridge_repository.job_exists(session, product_id, job_id):
+                        raise NotFoundError("job", job_id)
+                    return EchoResult(echoed=None, error=None, item=None)
+                row = rows[0]
+                attempted = stage or row.stage
+                [echoed] = await self._apply(session, product_id, [(row, attempted)])
+                item = (
+                    await tracker_repository.get_item(session, product_id, row.item_id)
+                    if with_item else None
+                )
+            return EchoResult(echoed=echoed, error=None, item=item)
+        except NotFoundError:
+            raise
+        except Exception as exc:
+            logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
+            if self.on_echo_failure is not None:
+                self.on_echo_failure()
+            await self._schedule_retry(product_id, job_id, attempted)
+            return EchoResult(echoed=None, error=_echo_error(exc), item=None)
+
+    async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
+        """The current stages of `job_ids` (one commit's, in its order) echoed in one
+        unit of work; False, with nothing written, when that failed."""
+        try:
+            async with self.db.unit_of_work() as session:
+                rows = await bridge_repository.echo_rows(session, product_id, job_ids, lock=True)
+                order = {job_id: n for n, job_id in enumerate(job_ids)}
+                rows.sort(key=lambda row: order[row.job_id])
+                await self._apply(session, product_id, [(row, row.stage) for row in rows])
+        except Exception:
+            logger.info("echoing %d jobs together failed; echoing each on its own",
+                        len(job_ids), exc_info=True)
+            return False
+        return True
+
+    async def _apply(
+        self, session: AsyncSession, product_id: str,
+        echoes: Sequence[tuple[bridge_repository.EchoRow, JobStage]],
+    ) -> list[ItemStatus | None]:
+        """Write the echoes of `echoes` (each a row read under lock and the stage to
+        echo), in order, and record them on their jobs; return the status each set on
+        its item (None: none).  Echoes of one item see what the earlier ones wrote."""
+        items: dict[int, _ItemSeen] = {}
+        records: list[bridge_repository.EchoRecord] = []
+        echoed: list[ItemStatus | None] = []
+        for row, stage in echoes:
+            item = items.setdefault(row.item_id, _ItemSeen(row.item_status, row.bridge_status))
+            plan = _decide(row, stage, item)
+            if plan is None:
+                echoed.append(None)
+                continue
+            bridge_status = item.bridge_status
+            if plan.comment:
+                comment = echo_comment(_figures(row, stage), plan.set_status, utcnow())
+                await self.echo_writer(
+                    session, EchoTarget(row.item_id, product_id, item.status), plan.set_status,
+                    comment,
+                )
+                if plan.set_status is not None:  # the writer recorded it as the bridge's
+                    item.status = bridge_status = plan.set_status
+            if plan.bridge_status != bridge_status:
+                await tracker_repository.write_bridge_status(
+                    session, product_id, row.item_id, plan.bridge_status
+                )
+            item.bridge_status = plan.bridge_status
+            status = item_status_for_stage(stage)
+            records.append(bridge_repository.EchoRecord(
+                row.job_id, stage, status if status is not None else row.last_echoed_status
+            ))
+            echoed.append(plan.set_status)
+        await bridge_repository.record_echoes(session, product_id, records)
+        return echoed
 
     async def _schedule_retry(
         self, product_id: str, job_id: int, stage: JobStage | None
@@ -229,6 +302,17 @@ class BridgeService:
             logger.exception("could not schedule an echo retry for job %s", job_id)
 
 
+def _decide(
+    row: bridge_repository.EchoRow, stage: JobStage, item: _ItemSeen
+) -> EchoPlan | None:
+    """`mapping.decide_echo` for a row read by `echo_rows`, with `item` as seen now."""
+    return decide_echo(
+        stage=stage, job_stage=row.stage, echoed_stage=row.echoed_stage,
+        job_last_status=row.last_echoed_status, item_status=item.status,
+        bridge_status=item.bridge_status, latest=row.latest,
+    )
+
+
 def _echo_error(exc: Exception) -> str:
     """What a client is told about a failed echo: our own errors' messages, otherwise
     only the kind of failure, never a driver's exception class or text (the details
@@ -244,15 +328,15 @@ def _echo_error(exc: Exception) -> str:
     return f"the item could not be updated ({kind}); the echo will be retried"
 
 
-def _figures(job: Job) -> JobFigures:
+def _figures(row: bridge_repository.EchoRow, stage: JobStage) -> JobFigures:
     return JobFigures(
-        job_id=job.id,
-        stage=job.stage,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        cost_usd=job.cost_usd,
-        tokens_in=job.tokens_in,
-        tokens_out=job.tokens_out,
+        job_id=row.job_id,
+        stage=stage,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        cost_usd=row.cost_usd,
+        tokens_in=row.tokens_in,
+        tokens_out=row.tokens_out,
     )

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.db import JsonArrayContains
-from app.tracker.models import Comment, Item, ItemStatus
+from app.tracker.models import Comment, CommentKind, Item, ItemStatus
+
+# The tables themselves, for the echo's Core statements (no ORM state to keep).
+ITEMS: Table = Item.__table__  # type: ignore[assignment]
+COMMENTS: Table = Comment.__table__  # type: ignore[assignment]
 
 
 async def get_item(
@@ -79,3 +84,35 @@ async def list_comments(
         stmt = stmt.where(Comment.id > after_id)
     stmt = stmt.order_by(Comment.id).limit(limit)
     return (await session.execute(stmt)).scalars().all()
+
+
+async def write_bridge_status(
+    session: AsyncSession, product_id: str, item_id: int, bridge_status: ItemStatus | None,
+    *, status: ItemStatus | None = None, now: datetime | None = None,
+) -> None:
+    """One `UPDATE items`: record `bridge_status` (the status the bridge owns) and, when
+    `status` is given, set it and `updated_at = now` too.  Core, no ORM state: the
+    caller holds the item's row lock and records the status change event itself."""
+    values: dict[str, object] = {"bridge_status": bridge_status}
+    if status is not None:
+        values.update(status=status, updated_at=now)
+    await session.execute(
+        update(ITEMS)
+        .where(ITEMS.c.product_id == product_id, ITEMS.c.id == item_id)
+        .values(**values)
+    )
+
+
+async def insert_comment(
+    session: AsyncSession, product_id: str, item_id: int, *, body: str, author: str,
+    kind: CommentKind, now: datetime,
+) -> int:
+    """One `INSERT INTO comments … RETURNING id` for an item the caller knows exists
+    (and holds); returns the new comment's id."""
+    stmt = (
+        insert(COMMENTS)
+        .values(product_id=product_id, item_id=item_id, body=body, author=author, kind=kind,
+                created_at=now)
+        .returning(COMMENTS.c.id)
+    )
+    return int((await session.execute(stmt)).scalar_one())

@@ -13,6 +13,7 @@ from app.bridge.mapping import (
     EchoPlan,
     JobFigures,
     LabelHints,
+    decide_echo,
     echo_comment,
     hints_from_labels,
     item_status_for_stage,
@@ -397,6 +398,34 @@ def test_a_cancelled_job_writes_its_final_comment_and_no_status() -> None:
 def test_the_latest_job_takes_a_status_the_item_already_shows() -> None:
     assert plan(item_status=ItemStatus.IN_PROGRESS).bridge_status == ItemStatus.IN_PROGRESS
     assert plan(item_status=ItemStatus.IN_PROGRESS, latest=False).bridge_status is None
+
+
+def decide(**overrides: object) -> EchoPlan | None:
+    values: dict[str, object] = {
+        "stage": JobStage.BUILDING, "job_stage": JobStage.BUILDING, "echoed_stage": None,
+        "job_last_status": None, "item_status": ItemStatus.TODO, "bridge_status": None,
+        "latest": True,
+    }
+    values.update(overrides)
+    return decide_echo(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stage", list(JobStage))
+def test_a_stage_echoed_already_writes_nothing_at_all(stage: JobStage) -> None:
+    assert decide(stage=stage, job_stage=stage, echoed_stage=stage,
+                  job_last_status=item_status_for_stage(stage)) is None
+
+
+@pytest.mark.parametrize("stage", [JobStage.SHIPPED, JobStage.FAILED, JobStage.CANCELLED])
+def test_the_current_terminal_stage_owes_its_final_comment(stage: JobStage) -> None:
+    common = {"job_last_status": item_status_for_stage(stage), "echoed_stage": JobStage.TESTING,
+              "item_status": ItemStatus.TODO, "bridge_status": ItemStatus.IN_PROGRESS}
+    owed = decide(stage=stage, job_stage=stage, **common)
+    assert owed is not None
+    assert owed.comment is True
+    # an older terminal stage the job has left (a retried job's earlier end) owes none
+    assert decide(stage=stage, job_stage=JobStage.QUEUED, **common) == EchoPlan(
+        None, False, ItemStatus.IN_PROGRESS)
 
 
 def test_a_final_comment_always_shows_the_totals() -> None:

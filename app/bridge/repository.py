@@ -1,0 +1,155 @@
+"""The echo's own queries: what it reads (the item and the job, in one statement) and
+what it records on the job.
+
+Core statements on the tables, no ORM objects: an echo runs after every stage change
+when FLEET_TRACKER_ECHO is on, and it neither needs the whole job nor keeps anything
+in the session.  Every query is scoped to one product.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    Select,
+    Table,
+    and_,
+    bindparam,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.fleet.models import Job, JobStage
+from app.tracker.models import ItemStatus
+from app.tracker.repository import ITEMS
+
+JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class EchoRow:
+    """One tracker-linked job as an echo reads it: its item's status, what the bridge
+    recorded on both, whether it is the item's latest job, and its metrics."""
+
+    product_id: str
+    job_id: int
+    item_id: int
+    item_status: ItemStatus
+    bridge_status: ItemStatus | None
+    latest: bool
+    stage: JobStage
+    echoed_stage: JobStage | None
+    last_echoed_status: ItemStatus | None
+    echo_attempts: int
+    echo_retry_at: datetime | None
+    echo_retry_stage: JobStage | None
+    attempts: int
+    max_attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    cost_usd: float
+    tokens_in: int
+    tokens_out: int
+
+
+def _echo_rows_query(*, lock: bool) -> Select[Any]:
+    jobs, items = JOBS.c, ITEMS.c
+    newer = JOBS.alias("newer")
+    latest = (
+        select(func.max(newer.c.id))
+        .where(newer.c.product_id == jobs.product_id,
+               newer.c.tracker_item_id == jobs.tracker_item_id)
+        .scalar_subquery()
+    )
+    stmt = (
+        select(
+            jobs.product_id, jobs.id.label("job_id"), items.id.label("item_id"),
+            items.status.label("item_status"), items.bridge_status,
+            (latest == jobs.id).label("latest"),
+            jobs.stage, jobs.echoed_stage, jobs.last_echoed_status, jobs.echo_attempts,
+            jobs.echo_retry_at, jobs.echo_retry_stage, jobs.attempts, jobs.max_attempts,
+            jobs.started_at, jobs.finished_at, jobs.cost_usd, jobs.tokens_in, jobs.tokens_out,
+        )
+        .select_from(ITEMS)
+        .join(JOBS, and_(jobs.tracker_item_id == items.id, jobs.product_id == items.product_id))
+        .where(jobs.product_id == bindparam("product_id"),
+               jobs.id.in_(bindparam("job_ids", expanding=True)))
+        .order_by(items.id, jobs.id)
+    )
+    if lock:
+        stmt = stmt.with_for_update(of=[ITEMS, JOBS])
+    return stmt
+
+
+_LOCKED_ROWS = _echo_rows_query(lock=True)
+_ROWS = _echo_rows_query(lock=False)
+
+
+async def echo_rows(
+    session: AsyncSession, product_id: str, job_ids: Sequence[int], *, lock: bool
+) -> list[EchoRow]:
+    """The tracker-linked jobs among `job_ids` (of `product_id`) whose item exists, each
+    with its item, in one statement, ordered by item then job.  A job that is not in
+    the product, has no item or whose item is gone is simply not returned.
+
+    With `lock` the rows are locked FOR UPDATE on PostgreSQL: each item's row before
+    its job's (FOR UPDATE OF items, jobs takes its row marks in that order), and the
+    items in id order, so two echoes never wait on each other in a cycle, and an item
+    is always locked before its jobs as by every other item write.  On SQLite the
+    writer transaction already holds the database's write lock."""
+    stmt = _LOCKED_ROWS if lock else _ROWS
+    result = await session.execute(
+        stmt, {"product_id": product_id, "job_ids": list(job_ids)}
+    )
+    return [EchoRow(**row._asdict()) for row in result]
+
+
+async def job_exists(session: AsyncSession, product_id: str, job_id: int) -> bool:
+    stmt = select(JOBS.c.id).where(JOBS.c.product_id == product_id, JOBS.c.id == job_id)
+    return (await session.execute(stmt)).first() is not None
+
+
+@dataclass(frozen=True, slots=True)
+class EchoRecord:
+    """What a completed echo leaves on its job: the stage echoed and the status last
+    echoed; any pending retry is cleared."""
+
+    job_id: int
+    stage: JobStage
+    last_echoed_status: ItemStatus | None
+
+
+_RECORD_ECHO = (
+    update(JOBS)
+    .where(JOBS.c.product_id == bindparam("b_product_id"), JOBS.c.id == bindparam("b_job_id"))
+    .values(
+        echoed_stage=bindparam("b_stage"),
+        last_echoed_status=bindparam("b_status"),
+        echo_attempts=0,
+        echo_retry_at=None,
+        echo_retry_stage=None,
+    )
+)
+
+
+async def record_echoes(
+    session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
+) -> None:
+    """Store each completed echo on its job, in one (executemany) UPDATE.  The caller
+    holds the jobs' row locks (`echo_rows(lock=True)`)."""
+    if not records:
+        return
+    await session.execute(
+        _RECORD_ECHO,
+        [
+            {"b_product_id": product_id, "b_job_id": record.job_id, "b_stage": record.stage,
+             "b_status": record.last_echoed_status}
+            for record in records
+        ],
+    )
+

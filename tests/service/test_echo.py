@@ -1,0 +1,212 @@
+"""How the echo does its work (both stores unless marked): the jobs of one commit are
+echoed together and in its order, one item's failure never holds back another's
+echo, and the echo locks an item before its job, as every item write does.
+
+The rules themselves are tested in tests/service/test_bridge.py and
+tests/service/test_steering.py.  Nothing is mocked; faults are injected only at the
+bridge's item-writing seam, and commits are watched at `Database.after_commit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import update
+
+from app.auth.models import Role
+from app.bridge.service import EchoTarget, IngestOptions, write_status_and_comment
+from app.db import utcnow
+from app.events.models import EventType
+from app.events.outbox import EventRecord
+from app.fleet.models import Job, JobStage
+from app.fleet.scheduler import WorkerProfile
+from app.fleet.service import JobSpec
+from app.main import Runtime
+from app.tracker import service as tracker_service
+from app.tracker.models import Comment, CommentKind, Item, ItemStatus
+from app.tracker.service import ItemChanges, NewItem
+from tests.conftest import PG_DSN
+
+PRODUCT = "acme"
+WORKER = WorkerProfile("w1")
+DEADLINE = 10.0
+
+
+class ItemFaults:
+    """The real item writer behind a seam that fails while an item is in `failing`."""
+
+    def __init__(self) -> None:
+        self.failing: set[int] = set()
+        self.calls: list[int] = []
+
+    async def __call__(
+        self, session: Any, item: EchoTarget, status: ItemStatus | None, comment: str
+    ) -> None:
+        self.calls.append(item.id)
+        if item.id in self.failing:
+            raise RuntimeError("the tracker is down for this item")
+        await write_status_and_comment(session, item, status, comment)
+
+
+@pytest.fixture
+async def start(make_runtime: Any, make_token: Any) -> Any:
+    await make_token(PRODUCT, Role.MEMBER)
+    return make_runtime
+
+
+def watch_commits(rt: Runtime) -> list[list[EventRecord]]:
+    """Every commit's events from now on, one list per commit."""
+    commits: list[list[EventRecord]] = []
+
+    async def seen(records: Sequence[EventRecord]) -> None:
+        commits.append(list(records))
+
+    rt.services.db.after_commit = seen
+    return commits
+
+
+async def create(rt: Runtime, title: str = "Ship the thing") -> Item:
+    async with rt.services.db.unit_of_work() as session:
+        return await tracker_service.create_item(session, PRODUCT, NewItem(title=title))
+
+
+async def ingest(rt: Runtime, item_id: int, **options: Any) -> Job:
+    async with rt.services.db.unit_of_work() as session:
+        result = await rt.services.bridge.ingest_item(
+            session, PRODUCT, item_id, IngestOptions(**options)
+        )
+    return result.job
+
+
+async def submit_for(rt: Runtime, item_id: int, title: str) -> Job:
+    async with rt.services.db.unit_of_work() as session:
+        result = await rt.services.fleet.submit_job(
+            session, PRODUCT, JobSpec(title=title, body_md=title, tracker_item_id=item_id)
+        )
+    return result.job
+
+
+async def claim(rt: Runtime, **options: Any) -> Job:
+    async with rt.services.db.unit_of_work() as session:
+        job = await rt.services.fleet.claim_next_job(session, PRODUCT, WORKER, **options)
+    assert job is not None
+    return job
+
+
+async def load_job(rt: Runtime, job_id: int) -> Job:
+    async with rt.services.db.read() as session:
+        return await rt.services.fleet.get_job(session, PRODUCT, job_id)
+
+
+async def status_of(rt: Runtime, item_id: int) -> ItemStatus:
+    async with rt.services.db.read() as session:
+        return (await tracker_service.get_item(session, PRODUCT, item_id)).status
+
+
+async def notes(rt: Runtime, item_id: int) -> list[Comment]:
+    async with rt.services.db.read() as session:
+        page = await tracker_service.list_comments(session, PRODUCT, item_id, first=100,
+                                                   after=None)
+    return list(page.nodes)
+
+
+def comment_events(commits: list[list[EventRecord]]) -> list[list[int]]:
+    """The item ids of the comments each commit added (commits without any left out)."""
+    found = [[r.payload["itemId"] for r in commit if r.type == EventType.COMMENT_ADDED]
+             for commit in commits]
+    return [ids for ids in found if ids]
+
+
+async def test_the_jobs_of_one_commit_are_echoed_together_in_its_order(start: Any) -> None:
+    rt: Runtime = await start(tracker_echo=True)
+    item = await create(rt)
+    older = await ingest(rt, item.id)
+    newer = await submit_for(rt, item.id, "a second job")
+    commits = watch_commits(rt)
+
+    # the item is cancelled: both jobs end in that one commit, and both are echoed
+    async with rt.services.db.unit_of_work() as session:
+        await rt.services.bridge.update_item(session, PRODUCT, item.id,
+                                             ItemChanges(status=ItemStatus.CANCELLED))
+
+    assert comment_events(commits) == [[item.id, item.id]]  # one echo commit for both
+    final = [n for n in await notes(rt, item.id) if "is CANCELLED" in n.body]
+    assert [f"job {job.id} is CANCELLED" in n.body for n, job in zip(
+        final, (older, newer), strict=True)] == [True, True]  # in the commit's order
+    assert all(n.kind == CommentKind.SYSTEM for n in final)
+    assert await status_of(rt, item.id) == ItemStatus.CANCELLED
+    for job in (older, newer):
+        stored = await load_job(rt, job.id)
+        assert (stored.echoed_stage, stored.echo_retry_at) == (JobStage.CANCELLED, None)
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_one_items_failure_never_holds_back_another_items_echo(start: Any) -> None:
+    writer = ItemFaults()
+    rt: Runtime = await start(tracker_echo=True, echo_writer=writer)
+    first, second = await create(rt, "first"), await create(rt, "second")
+    jobs = {item.id: await ingest(rt, item.id, max_attempts=1) for item in (first, second)}
+    long_ago = utcnow() - timedelta(hours=2)
+    async with rt.services.db.unit_of_work() as session:
+        await session.execute(update(Job).values(queued_at=long_ago, created_at=long_ago))
+    for _ in jobs:  # leases that ran out an hour ago, on the last attempt of each job
+        await claim(rt, now=utcnow() - timedelta(hours=1), lease_seconds=60)
+    writer.failing = {first.id}
+    commits = watch_commits(rt)
+
+    reaped = await rt.loops.reap_once()  # both jobs end FAILED in one commit
+    assert sorted(reaped.failed) == sorted(job.id for job in jobs.values())
+    assert await status_of(rt, second.id) == ItemStatus.BLOCKED
+    assert "is FAILED" in (await notes(rt, second.id))[-1].body
+    assert await status_of(rt, first.id) == ItemStatus.IN_PROGRESS  # its write failed
+    assert comment_events(commits) == [[second.id]]  # nothing of the first item
+    held_back = await load_job(rt, jobs[first.id].id)
+    assert (held_back.echo_retry_stage, held_back.echo_retry_at is not None) == (
+        JobStage.FAILED, True)
+    assert (await load_job(rt, jobs[second.id].id)).echo_retry_at is None
+
+    # the sweeper catches the first item up once its tracker answers again
+    writer.failing.clear()
+    async with rt.services.db.unit_of_work() as session:
+        await session.execute(update(Job).where(Job.id == jobs[first.id].id).values(
+            echo_retry_at=utcnow() - timedelta(seconds=1)))
+    assert await rt.loops.sweep_echoes_once() == 1
+    assert await status_of(rt, first.id) == ItemStatus.BLOCKED
+    assert [n.body.count("is FAILED") for n in await notes(rt, first.id)][-1] == 1
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+@pytest.mark.parametrize("store", ["postgres"])
+async def test_the_echo_locks_the_item_before_the_job(start: Any) -> None:
+    """Every item write locks the item first (cancelling an item then locks its jobs),
+    so an echo that locked its job first could deadlock with it."""
+    rt: Runtime = await start(tracker_echo=True)
+    item = await create(rt)
+    job = await ingest(rt, item.id)
+    database = rt.services.db.engine.url.database
+    holder = await asyncpg.connect(f"{PG_DSN}/{database}")
+    probe = await asyncpg.connect(f"{PG_DSN}/{database}")
+    try:
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", job.id)
+        echo = asyncio.create_task(rt.services.bridge.echo_job(PRODUCT, job.id))
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' " \
+                  "AND datname = $1"
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while await probe.fetchval(waiting, database) == 0:  # the echo waits for the job
+            assert asyncio.get_running_loop().time() < deadline, "the echo never waited"
+            await asyncio.sleep(0.01)
+        with pytest.raises(asyncpg.LockNotAvailableError):  # ... holding its item
+            await probe.execute("SELECT 1 FROM items WHERE id = $1 FOR UPDATE NOWAIT", item.id)
+        await transaction.rollback()
+        result = await asyncio.wait_for(echo, DEADLINE)
+        assert result.error is None
+    finally:
+        await holder.close()
+        await probe.close()
