@@ -150,31 +150,82 @@ def plan_echo(
     )
 
 
+def same_status_stages() -> dict[ItemStatus, frozenset[JobStage]]:
+    """The stages that have not ended, grouped by the item status they echo as.  A
+    move within one group shows nothing new on the item (QUEUED → ASSIGNED → BUILDING
+    are all IN_PROGRESS)."""
+    groups: dict[ItemStatus, set[JobStage]] = {}
+    for stage, status in _STAGE_TO_STATUS.items():
+        if status is not None and not is_terminal(stage):
+            groups.setdefault(status, set()).add(stage)
+    return {status: frozenset(stages) for status, stages in groups.items()}
+
+
+def same_status_move(source: JobStage | None, target: JobStage) -> bool:
+    """True when a job's move from `source` to `target` (neither ended) shows as the
+    same item status, so its echo is likely to have nothing to write."""
+    return (
+        source is not None and not is_terminal(source) and not is_terminal(target)
+        and item_status_for_stage(source) == item_status_for_stage(target)
+    )
+
+
+def echo_covered(
+    *, stage: JobStage, echoed_stage: JobStage | None, job_last_status: ItemStatus | None,
+    retry_pending: bool,
+) -> bool:
+    """True when an earlier, completed echo of this job already says what echoing
+    `stage` would: the job last echoed a stage that has not ended and shows as the
+    same status (`job_last_status`), and no failed echo awaits a retry.  A terminal
+    stage is never covered (its final comment is still owed).
+
+    The sweeper's backlog leaves covered jobs out (`app.bridge.repository`), so an
+    echo that `decide_echo` found had nothing to write need not be recorded."""
+    if retry_pending or echoed_stage is None or is_terminal(stage) or is_terminal(echoed_stage):
+        return False
+    status = item_status_for_stage(stage)
+    return status is not None and item_status_for_stage(echoed_stage) == status == job_last_status
+
+
 def decide_echo(
     *,
     stage: JobStage,
     job_stage: JobStage,
     echoed_stage: JobStage | None,
     job_last_status: ItemStatus | None,
+    retry_pending: bool,
     item_status: ItemStatus,
     bridge_status: ItemStatus | None,
     latest: bool,
 ) -> EchoPlan | None:
     """What echoing `stage` of a job (now in `job_stage`) writes, from what the echo
-    read: the job's record of its echoes (`echoed_stage`, `job_last_status`) and the
-    item.  None when there is nothing to write at all: `stage` was echoed already
-    (idempotence: an unchanged outcome writes nothing).
+    read: the job's record of its echoes (`echoed_stage`, `job_last_status`, whether
+    a failed echo awaits a retry) and the item.  None when there is nothing to write
+    at all, not even on the job:
+
+    - `stage` is the stage echoed last (idempotence: an unchanged outcome writes
+      nothing);
+    - or the echo is `echo_covered` and its plan changes nothing on the item (no
+      status, no comment, the bridge's status as it is): a move within one status,
+      such as ASSIGNED → BUILDING, once the item shows it.
 
     A terminal stage that is the job's current one and not echoed yet is
     `terminal_pending`: its comment with the totals is written, once (`plan_echo`).
     """
     if echoed_stage == stage:
         return None
-    return plan_echo(
+    plan = plan_echo(
         stage=stage, job_last_status=job_last_status,
         terminal_pending=is_terminal(stage) and stage == job_stage,
         item_status=item_status, bridge_status=bridge_status, latest=latest,
     )
+    unchanged = EchoPlan(set_status=None, comment=False, bridge_status=bridge_status)
+    if plan == unchanged and echo_covered(
+        stage=stage, echoed_stage=echoed_stage, job_last_status=job_last_status,
+        retry_pending=retry_pending,
+    ):
+        return None
+    return plan
 
 
 def echo_comment(figures: JobFigures, status: ItemStatus | None, now: datetime) -> str:

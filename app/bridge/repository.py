@@ -14,16 +14,20 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    ColumnElement,
     Select,
     Table,
     and_,
     bindparam,
     func,
+    not_,
+    or_,
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app.bridge.mapping import same_status_stages
 from app.fleet.models import Job, JobStage
 from app.tracker.models import ItemStatus
 from app.tracker.repository import ITEMS
@@ -91,7 +95,7 @@ _ROWS = _echo_rows_query(lock=False)
 
 
 async def echo_rows(
-    session: AsyncSession, product_id: str, job_ids: Sequence[int], *, lock: bool
+    session: AsyncSession | AsyncConnection, product_id: str, job_ids: Sequence[int], *, lock: bool
 ) -> list[EchoRow]:
     """The tracker-linked jobs among `job_ids` (of `product_id`) whose item exists, each
     with its item, in one statement, ordered by item then job.  A job that is not in
@@ -153,3 +157,48 @@ async def record_echoes(
         ],
     )
 
+
+def _covered() -> ColumnElement[bool]:
+    """`mapping.echo_covered` as SQL on `jobs` (no NULL ever makes it unknown)."""
+    jobs = JOBS.c
+    return and_(
+        jobs.echo_retry_at.is_(None),
+        or_(*(
+            and_(jobs.stage.in_(stages), jobs.echoed_stage.is_not(None),
+                 jobs.echoed_stage.in_(stages), jobs.last_echoed_status.is_not(None),
+                 jobs.last_echoed_status == status)
+            for status, stages in same_status_stages().items()
+        )),
+    )
+
+
+async def echo_backlog(
+    session: AsyncSession, now: datetime, limit: int, *, every_stage_change: bool
+) -> Sequence[tuple[str, int, JobStage | None]]:
+    """(product, job id, stage to echo) of tracker-linked jobs whose echo is due, of
+    every product, oldest job first.
+
+    With `every_stage_change` (FLEET_TRACKER_ECHO on) that is every such job whose
+    current stage has not been echoed yet, to be echoed at its current stage (None),
+    except those an earlier echo covers (`mapping.echo_covered`: a move within one
+    status that the item already shows); otherwise only jobs whose manual echo failed
+    and waits for a retry, each with the stage that echo attempted (DESIGN §4).  Jobs
+    still backing off are left out.
+    """
+    jobs = JOBS.c
+    stmt = (
+        select(jobs.product_id, jobs.id, jobs.echo_retry_stage)
+        .where(
+            jobs.tracker_item_id.is_not(None),
+            or_(jobs.echo_retry_at.is_(None), jobs.echo_retry_at <= now),
+        )
+        .order_by(jobs.id)
+        .limit(limit)
+    )
+    if every_stage_change:
+        stmt = stmt.where(
+            or_(jobs.echoed_stage.is_(None), jobs.echoed_stage != jobs.stage), not_(_covered())
+        )
+        return [(row[0], row[1], None) for row in (await session.execute(stmt)).all()]
+    stmt = stmt.where(jobs.echo_retry_at.is_not(None), jobs.echo_retry_stage.is_not(None))
+    return [(row[0], row[1], row[2]) for row in (await session.execute(stmt)).all()]

@@ -12,13 +12,14 @@ The item-writing step is a seam (`ItemEchoWriter`) so that a fault can be inject
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
@@ -28,6 +29,7 @@ from app.bridge.mapping import (
     decide_echo,
     echo_comment,
     item_status_for_stage,
+    same_status_move,
 )
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
@@ -116,6 +118,10 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
+        self._autocommit: AsyncEngine | None = (
+            db.engine.execution_options(isolation_level="AUTOCOMMIT")
+            if db.dialect == "postgresql" else None
+        )
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -169,12 +175,17 @@ class BridgeService:
         fails, each is echoed on its own, so one item's failure never holds back
         another's echo and is retried by itself.
         """
-        by_product: dict[str, dict[int, None]] = {}
+        by_product: dict[str, dict[int, bool]] = {}
         for r in records:
             if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
-                by_product.setdefault(r.product_id, {})[r.entity_id] = None
+                jobs = by_product.setdefault(r.product_id, {})
+                jobs[r.entity_id] = jobs.get(r.entity_id, True) and _same_status_move(r)
         for product_id, jobs in by_product.items():
             job_ids = list(jobs)
+            probe = [job_id for job_id, same in jobs.items() if same]
+            if probe:
+                done = await self._nothing_to_write(product_id, probe)
+                job_ids = [job_id for job_id in job_ids if job_id not in done]
             if len(job_ids) > 1 and await self._echo_together(product_id, job_ids):
                 continue
             for job_id in job_ids:
@@ -186,7 +197,7 @@ class BridgeService:
     async def sweep_echoes(self, *, every_stage_change: bool, limit: int = 100) -> int:
         """Retry echoes whose items have not caught up; return how many succeeded."""
         async with self.db.read() as session:
-            backlog = await fleet_repository.echo_backlog(
+            backlog = await bridge_repository.echo_backlog(
                 session, utcnow(), limit, every_stage_change=every_stage_change
             )
         caught_up = 0
@@ -229,6 +240,45 @@ class BridgeService:
                 self.on_echo_failure()
             await self._schedule_retry(product_id, job_id, attempted)
             return EchoResult(echoed=None, error=_echo_error(exc), item=None)
+
+    async def _nothing_to_write(self, product_id: str, job_ids: list[int]) -> set[int]:
+        """The jobs among `job_ids` whose echo has nothing to write (`decide_echo`), found
+        by one read without locks, so that a move within one item status (ASSIGNED →
+        BUILDING) costs one statement and no write transaction.  Nothing is written for
+        them, not even on the job (see `mapping.echo_covered`).
+
+        Deciding on an unlocked read is safe because nothing is written: a concurrent
+        change the read missed is one the echo ordered itself before, and a job whose
+        stage moved on meanwhile gets its own echo from that move's commit.  When one
+        job of an item has something to write, all of that item's jobs are echoed
+        under lock.  A failed read decides nothing (every job is echoed as usual)."""
+        try:
+            async with self._single_read() as connection:
+                rows = await bridge_repository.echo_rows(
+                    connection, product_id, job_ids, lock=False
+                )
+        except Exception:
+            logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
+            return set()
+        linked = {row.job_id for row in rows}
+        busy = {
+            row.item_id for row in rows
+            if _decide(row, row.stage, _ItemSeen(row.item_status, row.bridge_status)) is not None
+        }
+        done = {job_id for job_id in job_ids if job_id not in linked}  # no item: no echo
+        return done | {row.job_id for row in rows if row.item_id not in busy}
+
+    @asynccontextmanager
+    async def _single_read(self) -> AsyncIterator[AsyncSession | AsyncConnection]:
+        """Where one statement reads on its own: on PostgreSQL a pooled connection in
+        autocommit (the statement sees one snapshot; no BEGIN and ROLLBACK round trips),
+        elsewhere a read session."""
+        if self._autocommit is not None:
+            async with self._autocommit.connect() as connection:
+                yield connection
+        else:
+            async with self.db.read() as session:
+                yield session
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
@@ -302,14 +352,26 @@ class BridgeService:
             logger.exception("could not schedule an echo retry for job %s", job_id)
 
 
+def _same_status_move(record: EventRecord) -> bool:
+    """The event is a job's move within one item status (`mapping.same_status_move`)."""
+    if record.type != EventType.JOB_STAGE_CHANGED or not record.from_state:
+        return False
+    try:
+        return same_status_move(JobStage(record.from_state), JobStage(record.to_state or ""))
+    except ValueError:
+        return False
+
+
 def _decide(
     row: bridge_repository.EchoRow, stage: JobStage, item: _ItemSeen
 ) -> EchoPlan | None:
     """`mapping.decide_echo` for a row read by `echo_rows`, with `item` as seen now."""
     return decide_echo(
         stage=stage, job_stage=row.stage, echoed_stage=row.echoed_stage,
-        job_last_status=row.last_echoed_status, item_status=item.status,
-        bridge_status=item.bridge_status, latest=row.latest,
+        job_last_status=row.last_echoed_status,
+        retry_pending=row.echo_attempts > 0 or row.echo_retry_at is not None
+        or row.echo_retry_stage is not None,
+        item_status=item.status, bridge_status=item.bridge_status, latest=row.latest,
     )
 
 

@@ -1,6 +1,7 @@
-"""How the echo does its work (both stores unless marked): the jobs of one commit are
-echoed together and in its order, one item's failure never holds back another's
-echo, and the echo locks an item before its job, as every item write does.
+"""How the echo does its work (both stores unless marked): a move the item already
+shows writes nothing at all (and the sweeper agrees it is done), the jobs of one
+commit are echoed together and in its order, one item's failure never holds back
+another's echo, and the echo locks an item before its job, as every item write does.
 
 The rules themselves are tested in tests/service/test_bridge.py and
 tests/service/test_steering.py.  Nothing is mocked; faults are injected only at the
@@ -10,15 +11,18 @@ bridge's item-writing seam, and commits are watched at `Database.after_commit`.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import update
+from sqlalchemy import insert, select, update
 
 from app.auth.models import Role
+from app.bridge import repository as bridge_repository
+from app.bridge.mapping import echo_covered
 from app.bridge.service import EchoTarget, IngestOptions, write_status_and_comment
 from app.db import utcnow
 from app.events.models import EventType
@@ -96,6 +100,18 @@ async def claim(rt: Runtime, **options: Any) -> Job:
         job = await rt.services.fleet.claim_next_job(session, PRODUCT, WORKER, **options)
     assert job is not None
     return job
+
+
+async def move(rt: Runtime, job: Job, to: JobStage, **options: Any) -> Job:
+    async with rt.services.db.unit_of_work() as session:
+        return await rt.services.fleet.transition_job(
+            session, PRODUCT, job.id, job.lease_fence, to, **options)
+
+
+async def set_status(rt: Runtime, item_id: int, status: ItemStatus) -> None:
+    """A person sets the item's status (through the tracker alone)."""
+    async with rt.services.db.unit_of_work() as session:
+        await tracker_service.update_item(session, PRODUCT, item_id, ItemChanges(status=status))
 
 
 async def load_job(rt: Runtime, job_id: int) -> Job:
@@ -210,3 +226,109 @@ async def test_the_echo_locks_the_item_before_the_job(start: Any) -> None:
     finally:
         await holder.close()
         await probe.close()
+
+
+# -- a move the item already shows -----------------------------------------------
+
+
+async def echo_record(rt: Runtime, job_id: int) -> tuple[Any, ...]:
+    job = await load_job(rt, job_id)
+    return (job.echoed_stage, job.last_echoed_status, job.echo_attempts, job.echo_retry_at,
+            job.echo_retry_stage)
+
+
+async def test_a_move_the_item_already_shows_writes_nothing_at_all(start: Any) -> None:
+    writer = ItemFaults()
+    rt: Runtime = await start(tracker_echo=True, echo_writer=writer, retry_backoff_seconds=0)
+    item = await create(rt)
+    job = await ingest(rt, item.id)  # QUEUED: the item goes IN_PROGRESS, with a comment
+    recorded = await echo_record(rt, job.id)
+    assert recorded[:2] == (JobStage.QUEUED, ItemStatus.IN_PROGRESS)
+    commits = watch_commits(rt)
+
+    held = await claim(rt)
+    held = await move(rt, held, JobStage.BUILDING)
+    await move(rt, held, JobStage.REVIEW)
+    # each commit is the stage change's own: the echoes opened no write transaction
+    assert [[r.type for r in commit] for commit in commits] == [
+        [EventType.JOB_STAGE_CHANGED]] * 3
+    assert writer.calls == [item.id]
+    assert await echo_record(rt, job.id) == recorded  # not even the job's record moved
+    assert await rt.loops.sweep_echoes_once() == 0  # and the sweeper agrees it is done
+    assert (await status_of(rt, item.id), len(await notes(rt, item.id))) == (
+        ItemStatus.IN_PROGRESS, 1)
+
+    await move(rt, held, JobStage.FAILED, retryable=True)  # back to the queue: IN_PROGRESS
+    held = await claim(rt)
+    assert len(commits) == 5
+    assert await echo_record(rt, job.id) == recorded
+    await move(rt, held, JobStage.SHIPPED)  # the end is echoed as ever
+    assert await status_of(rt, item.id) == ItemStatus.DONE
+    assert [n.body.count("is SHIPPED") for n in await notes(rt, item.id)] == [0, 1]
+    assert (await echo_record(rt, job.id))[:2] == (JobStage.SHIPPED, ItemStatus.DONE)
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_a_move_still_takes_back_the_status_the_item_shows_again(start: Any) -> None:
+    rt: Runtime = await start(tracker_echo=True)
+    item = await create(rt)
+    await set_status(rt, item.id, ItemStatus.BLOCKED)  # a person's status, before the job
+    job = await ingest(rt, item.id)
+    assert await status_of(rt, item.id) == ItemStatus.BLOCKED  # the person's status wins
+    await set_status(rt, item.id, ItemStatus.IN_PROGRESS)  # ... and shows the job's again
+
+    held = await claim(rt)  # the bridge takes IN_PROGRESS as its own again
+    assert (await echo_record(rt, job.id))[0] == JobStage.ASSIGNED
+    await move(rt, held, JobStage.SHIPPED)  # so the end moves the item
+    assert await status_of(rt, item.id) == ItemStatus.DONE
+
+
+async def test_a_move_after_a_failed_echo_writes_what_that_echo_could_not(start: Any) -> None:
+    writer = ItemFaults()
+    rt: Runtime = await start(tracker_echo=True, echo_writer=writer)
+    item = await create(rt)
+    writer.failing = {item.id}
+    job = await ingest(rt, item.id)  # the QUEUED echo fails
+    assert (await status_of(rt, item.id), (await echo_record(rt, job.id))[3] is not None) == (
+        ItemStatus.TODO, True)
+    writer.failing.clear()
+
+    await claim(rt)  # ASSIGNED shows as the same status, but the item does not show it
+    assert await status_of(rt, item.id) == ItemStatus.IN_PROGRESS
+    assert ["is ASSIGNED" in n.body for n in await notes(rt, item.id)] == [True]
+    assert await echo_record(rt, job.id) == (JobStage.ASSIGNED, ItemStatus.IN_PROGRESS, 0,
+                                             None, None)
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_the_sweepers_backlog_leaves_out_exactly_the_covered_echoes(start: Any) -> None:
+    """The backlog's SQL agrees with `mapping.echo_covered` on every combination of
+    a job's stage, the stage it echoed last, the status it echoed last and a pending
+    retry."""
+    rt: Runtime = await start(tracker_echo=True)
+    item = await create(rt)
+    now = utcnow()
+    combos = list(itertools.product(JobStage, [None, *JobStage], [None, *ItemStatus],
+                                    [False, True]))
+    rows = [{
+        "product_id": PRODUCT, "title": "t", "body_md": "b", "kind": "code", "stage": stage,
+        "priority": "NORMAL", "capabilities": [], "attempts": 0, "max_attempts": 3,
+        "tracker_item_id": item.id, "lease_fence": 0, "cost_usd": 0.0, "tokens_in": 0,
+        "tokens_out": 0, "echoed_stage": echoed, "last_echoed_status": last,
+        "echo_attempts": int(retry), "echo_retry_at": now - timedelta(seconds=1) if retry
+        else None, "echo_retry_stage": stage if retry else None, "queued_at": now,
+        "created_at": now, "updated_at": now,
+    } for stage, echoed, last, retry in combos]
+    async with rt.services.db.unit_of_work() as session:
+        await session.execute(insert(Job), rows)
+        ids = list((await session.execute(select(Job.id).order_by(Job.id))).scalars())
+    async with rt.services.db.read() as session:
+        backlog = await bridge_repository.echo_backlog(
+            session, utcnow(), len(combos) + 1, every_stage_change=True)
+    expected = [
+        job_id for job_id, (stage, echoed, last, retry) in zip(ids, combos, strict=True)
+        if echoed != stage and not echo_covered(
+            stage=stage, echoed_stage=echoed, job_last_status=last, retry_pending=retry)
+    ]
+    assert [job_id for _, job_id, _ in backlog] == expected
+    assert 0 < len(expected) < len(combos)

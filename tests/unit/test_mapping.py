@@ -15,9 +15,12 @@ from app.bridge.mapping import (
     LabelHints,
     decide_echo,
     echo_comment,
+    echo_covered,
     hints_from_labels,
     item_status_for_stage,
     plan_echo,
+    same_status_move,
+    same_status_stages,
 )
 from app.bridge.service import IngestOptions, job_spec_for_item
 from app.errors import BadUserInputError
@@ -403,8 +406,8 @@ def test_the_latest_job_takes_a_status_the_item_already_shows() -> None:
 def decide(**overrides: object) -> EchoPlan | None:
     values: dict[str, object] = {
         "stage": JobStage.BUILDING, "job_stage": JobStage.BUILDING, "echoed_stage": None,
-        "job_last_status": None, "item_status": ItemStatus.TODO, "bridge_status": None,
-        "latest": True,
+        "job_last_status": None, "retry_pending": False, "item_status": ItemStatus.TODO,
+        "bridge_status": None, "latest": True,
     }
     values.update(overrides)
     return decide_echo(**values)  # type: ignore[arg-type]
@@ -426,6 +429,60 @@ def test_the_current_terminal_stage_owes_its_final_comment(stage: JobStage) -> N
     # an older terminal stage the job has left (a retried job's earlier end) owes none
     assert decide(stage=stage, job_stage=JobStage.QUEUED, **common) == EchoPlan(
         None, False, ItemStatus.IN_PROGRESS)
+
+
+ACTIVE = [JobStage.QUEUED, JobStage.ASSIGNED, JobStage.BUILDING, JobStage.REVIEW,
+          JobStage.TESTING]
+ENDED = [JobStage.SHIPPED, JobStage.FAILED, JobStage.CANCELLED]
+
+
+def test_the_stages_that_have_not_ended_all_show_in_progress() -> None:
+    assert same_status_stages() == {ItemStatus.IN_PROGRESS: frozenset(ACTIVE)}
+
+
+@pytest.mark.parametrize("source", [None, *JobStage])
+@pytest.mark.parametrize("target", list(JobStage))
+def test_a_same_status_move_stays_within_the_stages_that_have_not_ended(
+    source: JobStage | None, target: JobStage
+) -> None:
+    assert same_status_move(source, target) is (source in ACTIVE and target in ACTIVE)
+
+
+@pytest.mark.parametrize("stage", list(JobStage))
+@pytest.mark.parametrize("echoed", [None, *JobStage])
+@pytest.mark.parametrize("last", [None, *ItemStatus])
+@pytest.mark.parametrize("retry_pending", [False, True])
+def test_an_echo_is_covered_only_by_a_completed_echo_of_the_same_status(
+    stage: JobStage, echoed: JobStage | None, last: ItemStatus | None, retry_pending: bool
+) -> None:
+    expected = (stage in ACTIVE and echoed in ACTIVE and last == ItemStatus.IN_PROGRESS
+                and not retry_pending)
+    assert echo_covered(stage=stage, echoed_stage=echoed, job_last_status=last,
+                        retry_pending=retry_pending) is expected
+
+
+def test_a_move_the_item_already_shows_writes_nothing_at_all() -> None:
+    shown = {"echoed_stage": JobStage.QUEUED, "job_last_status": ItemStatus.IN_PROGRESS,
+             "item_status": ItemStatus.IN_PROGRESS, "bridge_status": ItemStatus.IN_PROGRESS}
+    assert decide(stage=JobStage.BUILDING, **shown) is None
+    # a person's status is left alone, and nothing is recorded either
+    assert decide(stage=JobStage.BUILDING, **{**shown, "item_status": ItemStatus.TODO}) is None
+    # the item's status back to what the job shows: the bridge takes it as its own again
+    assert decide(stage=JobStage.BUILDING, **{**shown, "bridge_status": ItemStatus.DONE}) == (
+        EchoPlan(None, False, ItemStatus.IN_PROGRESS))
+    # a failed echo still waits for its retry: this echo completes it
+    assert decide(stage=JobStage.BUILDING, retry_pending=True, **shown) == EchoPlan(
+        None, False, ItemStatus.IN_PROGRESS)
+    # the first echo of the job (the QUEUED one failed): status and comment
+    assert decide(stage=JobStage.BUILDING, **{**shown, "echoed_stage": None,
+                                              "job_last_status": None,
+                                              "item_status": ItemStatus.TODO,
+                                              "bridge_status": None}) == EchoPlan(
+        ItemStatus.IN_PROGRESS, True, ItemStatus.IN_PROGRESS)
+    # an end is never covered: its final comment is owed
+    ended = decide(stage=JobStage.CANCELLED, job_stage=JobStage.CANCELLED, **shown)
+    assert ended is not None
+    assert ended.comment is True
 
 
 def test_a_final_comment_always_shows_the_totals() -> None:
