@@ -113,9 +113,15 @@ async def echo_rows(
     return [EchoRow(**row._asdict()) for row in result]
 
 
-async def job_exists(session: AsyncSession, product_id: str, job_id: int) -> bool:
-    stmt = select(JOBS.c.id).where(JOBS.c.product_id == product_id, JOBS.c.id == job_id)
-    return (await session.execute(stmt)).first() is not None
+_JOB_EXISTS = select(JOBS.c.id).where(JOBS.c.product_id == bindparam("b_product_id"),
+                                      JOBS.c.id == bindparam("b_job_id"))
+
+
+async def job_exists(
+    session: AsyncSession | AsyncConnection, product_id: str, job_id: int
+) -> bool:
+    result = await session.execute(_JOB_EXISTS, {"b_product_id": product_id, "b_job_id": job_id})
+    return result.first() is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,20 +148,19 @@ _RECORD_ECHO = (
 
 
 async def record_echoes(
-    session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
+    session: AsyncSession | AsyncConnection, product_id: str, records: Sequence[EchoRecord]
 ) -> None:
-    """Store each completed echo on its job, in one (executemany) UPDATE.  The caller
-    holds the jobs' row locks (`echo_rows(lock=True)`)."""
-    if not records:
-        return
-    await session.execute(
-        _RECORD_ECHO,
-        [
-            {"b_product_id": product_id, "b_job_id": record.job_id, "b_stage": record.stage,
-             "b_status": record.last_echoed_status}
-            for record in records
-        ],
-    )
+    """Store each completed echo on its job, in one UPDATE (executemany for several).
+    The caller holds the jobs' row locks (`echo_rows(lock=True)`)."""
+    params = [
+        {"b_product_id": product_id, "b_job_id": record.job_id, "b_stage": record.stage,
+         "b_status": record.last_echoed_status}
+        for record in records
+    ]
+    if len(params) == 1:  # the usual case: a plain execute, not the executemany path
+        await session.execute(_RECORD_ECHO, params[0])
+    elif params:
+        await session.execute(_RECORD_ECHO, params)
 
 
 def _covered() -> ColumnElement[bool]:

@@ -217,11 +217,12 @@ class BridgeService:
         attempted = stage
         try:
             async with self.db.unit_of_work() as session:
+                connection = await session.connection()
                 rows = await bridge_repository.echo_rows(
-                    session, product_id, [job_id], lock=True
+                    connection, product_id, [job_id], lock=True
                 )
                 if not rows:  # no item (any more), or no such job in this product
-                    if not await bridge_repository.job_exists(session, product_id, job_id):
+                    if not await bridge_repository.job_exists(connection, product_id, job_id):
                         raise NotFoundError("job", job_id)
                     return EchoResult(echoed=None, error=None, item=None)
                 row = rows[0]
@@ -269,23 +270,21 @@ class BridgeService:
         return done | {row.job_id for row in rows if row.item_id not in busy}
 
     @asynccontextmanager
-    async def _single_read(self) -> AsyncIterator[AsyncSession | AsyncConnection]:
-        """Where one statement reads on its own: on PostgreSQL a pooled connection in
-        autocommit (the statement sees one snapshot; no BEGIN and ROLLBACK round trips),
-        elsewhere a read session."""
-        if self._autocommit is not None:
-            async with self._autocommit.connect() as connection:
-                yield connection
-        else:
-            async with self.db.read() as session:
-                yield session
+    async def _single_read(self) -> AsyncIterator[AsyncConnection]:
+        """A pooled connection for one statement that reads on its own: in autocommit on
+        PostgreSQL (the statement sees one snapshot; no BEGIN and ROLLBACK round trips),
+        and no ORM session anywhere."""
+        async with (self._autocommit or self.db.engine).connect() as connection:
+            yield connection
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
         unit of work; False, with nothing written, when that failed."""
         try:
             async with self.db.unit_of_work() as session:
-                rows = await bridge_repository.echo_rows(session, product_id, job_ids, lock=True)
+                rows = await bridge_repository.echo_rows(
+                    await session.connection(), product_id, job_ids, lock=True
+                )
                 order = {job_id: n for n, job_id in enumerate(job_ids)}
                 rows.sort(key=lambda row: order[row.job_id])
                 await self._apply(session, product_id, [(row, row.stage) for row in rows])
@@ -301,7 +300,10 @@ class BridgeService:
     ) -> list[ItemStatus | None]:
         """Write the echoes of `echoes` (each a row read under lock and the stage to
         echo), in order, and record them on their jobs; return the status each set on
-        its item (None: none).  Echoes of one item see what the earlier ones wrote."""
+        its item (None: none).  Echoes of one item see what the earlier ones wrote.
+        The bridge's own statements run on the session's connection (Core: no ORM
+        state to keep); the writer seam gets the session."""
+        connection = await session.connection()
         items: dict[int, _ItemSeen] = {}
         records: list[bridge_repository.EchoRecord] = []
         echoed: list[ItemStatus | None] = []
@@ -322,7 +324,7 @@ class BridgeService:
                     item.status = bridge_status = plan.set_status
             if plan.bridge_status != bridge_status:
                 await tracker_repository.write_bridge_status(
-                    session, product_id, row.item_id, plan.bridge_status
+                    connection, product_id, row.item_id, plan.bridge_status
                 )
             item.bridge_status = plan.bridge_status
             status = item_status_for_stage(stage)
@@ -330,7 +332,7 @@ class BridgeService:
                 row.job_id, stage, status if status is not None else row.last_echoed_status
             ))
             echoed.append(plan.set_status)
-        await bridge_repository.record_echoes(session, product_id, records)
+        await bridge_repository.record_echoes(connection, product_id, records)
         return echoed
 
     async def _schedule_retry(

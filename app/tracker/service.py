@@ -189,7 +189,7 @@ async def set_status_by_bridge(
     The caller holds the item's row lock and read `previous` under it; it differs
     from `status`."""
     await repository.write_bridge_status(
-        session, product_id, item_id, status, status=status, now=now
+        await session.connection(), product_id, item_id, status, status=status, now=now
     )
     await record_event(
         session,
@@ -208,7 +208,8 @@ async def add_comment_to_held_item(
     """`add_comment` for a caller that already holds the item (the echo): one INSERT
     and its event, no re-read of the item.  Returns the comment's id."""
     comment_id = await repository.insert_comment(
-        session, product_id, item_id, body=body, author=author, kind=kind, now=now
+        await session.connection(), product_id, item_id, body=body, author=author, kind=kind,
+        now=now,
     )
     await record_event(
         session,
