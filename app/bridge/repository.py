@@ -1,9 +1,22 @@
-"""The echo's own queries: what it reads (the item and the job, in one statement) and
-what it records on the job.
+"""The echo's own statements: what it reads (the item and the job, in one statement),
+what it writes onto the item (status, comment and their events) and records on the
+job, and the sweeper's backlog.  Every query is scoped to one product, except the
+backlog, which spans them.
 
-Core statements on the tables, no ORM objects: an echo runs after every stage change
-when FLEET_TRACKER_ECHO is on, and it neither needs the whole job nor keeps anything
-in the session.  Every query is scoped to one product.
+An echo runs after every stage change while FLEET_TRACKER_ECHO is on, so it goes the
+way of the lease holder's hot path (`app.fleet.cycle`): SQL built once, at import,
+with bind parameters only; no ORM loading and no ORM flush.  On PostgreSQL each
+statement is one round trip on the unit of work's connection, and the whole item
+write — status, comment, the product's sequence bumped once for both events, the
+two event rows and their NOTIFY — is a single statement.  On SQLite each statement
+is one hop to the driver's thread (`SqliteStatement`), the item write four.
+
+| an echo | PostgreSQL | SQLite |
+|---|---|---|
+| read under lock (item, job, latest job) | 1 | 1 |
+| item: status + comment + events | 1 | 4 |
+| item: comment + event (status left as is) | 1 | 3 |
+| the job's echo record | 1 | 1 |
 """
 
 from __future__ import annotations
@@ -14,25 +27,46 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     ColumnElement,
-    Select,
+    Float,
+    Integer,
+    String,
     Table,
+    TextualSelect,
     and_,
     bindparam,
-    func,
+    column,
     not_,
     or_,
     select,
-    update,
+    text,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeEngine
 
 from app.bridge.mapping import same_status_stages
-from app.fleet.models import Job, JobStage
-from app.tracker.models import ItemStatus
-from app.tracker.repository import ITEMS
+from app.db import JsonDocument, UTCDateTime
+from app.events.models import EventType
+from app.events.outbox import (
+    EVENT_CHANNEL,
+    EventRecord,
+    remember_event,
+)
+from app.fleet.cycle import SqliteStatement
+from app.fleet.models import JOB_STAGE, Job, JobStage
+from app.tracker.models import ITEM_STATUS, CommentKind, ItemStatus
 
 JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+def _postgres(session: AsyncSession) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+# -- the read ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,67 +95,251 @@ class EchoRow:
     tokens_out: int
 
 
-def _echo_rows_query(*, lock: bool) -> Select[Any]:
-    jobs, items = JOBS.c, ITEMS.c
-    newer = JOBS.alias("newer")
-    latest = (
-        select(func.max(newer.c.id))
-        .where(newer.c.product_id == jobs.product_id,
-               newer.c.tracker_item_id == jobs.tracker_item_id)
-        .scalar_subquery()
-    )
-    stmt = (
-        select(
-            jobs.product_id, jobs.id.label("job_id"), items.id.label("item_id"),
-            items.status.label("item_status"), items.bridge_status,
-            (latest == jobs.id).label("latest"),
-            jobs.stage, jobs.echoed_stage, jobs.last_echoed_status, jobs.echo_attempts,
-            jobs.echo_retry_at, jobs.echo_retry_stage, jobs.attempts, jobs.max_attempts,
-            jobs.started_at, jobs.finished_at, jobs.cost_usd, jobs.tokens_in, jobs.tokens_out,
-        )
-        .select_from(ITEMS)
-        .join(JOBS, and_(jobs.tracker_item_id == items.id, jobs.product_id == items.product_id))
-        .where(jobs.product_id == bindparam("product_id"),
-               jobs.id.in_(bindparam("job_ids", expanding=True)))
-        .order_by(items.id, jobs.id)
-    )
-    if lock:
-        stmt = stmt.with_for_update(of=[ITEMS, JOBS])
-    return stmt
+_ROW_COLUMNS: tuple[tuple[str, str, TypeEngine[Any]], ...] = (
+    ("product_id", "jobs.product_id", String()),
+    ("job_id", "jobs.id", Integer()),
+    ("item_id", "items.id", Integer()),
+    ("item_status", "items.status", ITEM_STATUS),
+    ("bridge_status", "items.bridge_status", ITEM_STATUS),
+    ("latest", "(SELECT max(newer.id) FROM jobs AS newer WHERE newer.product_id ="
+               " jobs.product_id AND newer.tracker_item_id = jobs.tracker_item_id) = jobs.id",
+     Boolean()),
+    ("stage", "jobs.stage", JOB_STAGE),
+    ("echoed_stage", "jobs.echoed_stage", JOB_STAGE),
+    ("last_echoed_status", "jobs.last_echoed_status", ITEM_STATUS),
+    ("echo_attempts", "jobs.echo_attempts", Integer()),
+    ("echo_retry_at", "jobs.echo_retry_at", UTCDateTime()),
+    ("echo_retry_stage", "jobs.echo_retry_stage", JOB_STAGE),
+    ("attempts", "jobs.attempts", Integer()),
+    ("max_attempts", "jobs.max_attempts", Integer()),
+    ("started_at", "jobs.started_at", UTCDateTime()),
+    ("finished_at", "jobs.finished_at", UTCDateTime()),
+    ("cost_usd", "jobs.cost_usd", Float()),
+    ("tokens_in", "jobs.tokens_in", BigInteger()),
+    ("tokens_out", "jobs.tokens_out", BigInteger()),
+)
 
 
-_LOCKED_ROWS = _echo_rows_query(lock=True)
-_ROWS = _echo_rows_query(lock=False)
+def _rows_sql(ids: str, lock: str) -> str:
+    listed = ", ".join(f"{sql} AS {name}" for name, sql, _ in _ROW_COLUMNS)
+    return (
+        f"SELECT {listed} FROM items JOIN jobs"
+        " ON jobs.tracker_item_id = items.id AND jobs.product_id = items.product_id"
+        f" WHERE jobs.product_id = :product_id AND jobs.id IN ({ids})"
+        f" ORDER BY items.id, jobs.id{lock}"
+    )
+
+
+def _pg_rows(lock: str) -> TextualSelect:
+    return (
+        text(_rows_sql("SELECT unnest(:job_ids)", lock))
+        .bindparams(bindparam("job_ids", type_=ARRAY(Integer())))
+        .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
+    )
+
+
+# FOR UPDATE OF items, jobs takes each row's marks in that order: the item's row
+# before its job's, and (ORDER BY) the items in id order.
+_PG_LOCKED_ROWS = _pg_rows(" FOR UPDATE OF items, jobs")
+_PG_ROWS = _pg_rows("")
+_SQLITE_ROWS = SqliteStatement(
+    _rows_sql("SELECT value FROM json_each(:job_ids)", ""),
+    binds={"job_ids": JsonDocument}, results=tuple(type_ for _, _, type_ in _ROW_COLUMNS),
+)
 
 
 async def echo_rows(
-    session: AsyncSession | AsyncConnection, product_id: str, job_ids: Sequence[int], *, lock: bool
+    session: AsyncSession, product_id: str, job_ids: Sequence[int], *, lock: bool
 ) -> list[EchoRow]:
     """The tracker-linked jobs among `job_ids` (of `product_id`) whose item exists, each
     with its item, in one statement, ordered by item then job.  A job that is not in
     the product, has no item or whose item is gone is simply not returned.
 
     With `lock` the rows are locked FOR UPDATE on PostgreSQL: each item's row before
-    its job's (FOR UPDATE OF items, jobs takes its row marks in that order), and the
-    items in id order, so two echoes never wait on each other in a cycle, and an item
-    is always locked before its jobs as by every other item write.  On SQLite the
-    writer transaction already holds the database's write lock."""
-    stmt = _LOCKED_ROWS if lock else _ROWS
-    result = await session.execute(
-        stmt, {"product_id": product_id, "job_ids": list(job_ids)}
-    )
-    return [EchoRow(**row._asdict()) for row in result]
+    its job's, and the items in id order, so two echoes never wait on each other in a
+    cycle, and an item is always locked before its jobs, as by every other item
+    write.  On SQLite the writer transaction already holds the database's write lock.
+    """
+    params = {"product_id": product_id, "job_ids": list(job_ids)}
+    if _postgres(session):
+        statement = _PG_LOCKED_ROWS if lock else _PG_ROWS
+        rows: Sequence[Sequence[Any]] = (await session.execute(statement, params)).all()
+    else:
+        rows = await _SQLITE_ROWS.rows(session, params)
+    return [EchoRow(*row) for row in rows]
 
 
 _JOB_EXISTS = select(JOBS.c.id).where(JOBS.c.product_id == bindparam("b_product_id"),
                                       JOBS.c.id == bindparam("b_job_id"))
 
 
-async def job_exists(
-    session: AsyncSession | AsyncConnection, product_id: str, job_id: int
-) -> bool:
+async def job_exists(session: AsyncSession, product_id: str, job_id: int) -> bool:
     result = await session.execute(_JOB_EXISTS, {"b_product_id": product_id, "b_job_id": job_id})
     return result.first() is not None
+
+
+# -- the item write ---------------------------------------------------------------
+
+_SET_STATUS_SQL = (
+    "UPDATE items SET status = :status, bridge_status = :status, updated_at = :now"
+    " WHERE product_id = :product_id AND id = :item_id"
+)
+_INSERT_COMMENT_SQL = (
+    "INSERT INTO comments (product_id, item_id, body, author, kind, created_at)"
+    " VALUES (:product_id, :item_id, :body, :author, :kind, :now) RETURNING id"
+)
+_EVENT_COLUMNS = "product_id, seq, type, entity_id, from_state, to_state, payload, created_at"
+_STATUS_EVENT = (
+    f"'{EventType.ITEM_STATUS_CHANGED.value}', CAST(:item_id AS INTEGER),"
+    " CAST(:previous AS VARCHAR), CAST(:status AS VARCHAR), CAST('{}' AS JSONB)"
+)
+_COMMENT_EVENT = (
+    f"'{EventType.COMMENT_ADDED.value}', comment_row.id, NULL, NULL,"
+    " CAST(:comment_payload AS JSONB)"
+)
+
+
+def _pg_write_sql(*, status: bool) -> str:
+    """PostgreSQL: the item write in one statement.  The product's sequence is bumped
+    once, by the number of events (its row stays locked until commit: gap-free,
+    commit-ordered sequences, as `app.events.outbox` keeps them); the status change
+    takes the first of them, the comment the last; each event row is announced by
+    its NOTIFY when the transaction commits."""
+    events = 2 if status else 1
+    status_cte = f"item_row AS ({_SET_STATUS_SQL} RETURNING id), " if status else ""
+    status_event = (
+        f"SELECT event_seq.id, event_seq.last_event_seq - 1, {_STATUS_EVENT},"
+        " :event_created_at FROM event_seq UNION ALL " if status else ""
+    )
+    return f"""WITH {status_cte}comment_row AS ({_INSERT_COMMENT_SQL}),
+event_seq AS (
+    UPDATE products SET last_event_seq = products.last_event_seq + {events}
+    WHERE products.id = :product_id
+    RETURNING products.id, products.last_event_seq
+), event_row AS (
+    INSERT INTO events ({_EVENT_COLUMNS})
+    {status_event}SELECT event_seq.id, event_seq.last_event_seq, {_COMMENT_EVENT},
+           :event_created_at FROM event_seq CROSS JOIN comment_row
+    RETURNING product_id, seq, entity_id
+)
+SELECT seq, entity_id, pg_notify('{EVENT_CHANNEL}', product_id || ':' || seq) AS notified
+FROM event_row ORDER BY seq"""
+
+
+def _pg_write(*, status: bool) -> TextualSelect:
+    return (
+        text(_pg_write_sql(status=status))
+        .bindparams(
+            bindparam("now", type_=UTCDateTime()),
+            bindparam("event_created_at", type_=UTCDateTime()),
+            bindparam("comment_payload", type_=JsonDocument),
+        )
+        .columns(column("seq", BigInteger), column("entity_id", Integer),
+                 column("notified", String))
+    )
+
+
+_PG_WRITE_STATUS_AND_COMMENT = _pg_write(status=True)
+_PG_WRITE_COMMENT = _pg_write(status=False)
+
+_SQLITE_SET_STATUS = SqliteStatement(_SET_STATUS_SQL, binds={"now": UTCDateTime()})
+_SQLITE_INSERT_COMMENT = SqliteStatement(_INSERT_COMMENT_SQL, binds={"now": UTCDateTime()})
+_SQLITE_BUMP = SqliteStatement(
+    "UPDATE products SET last_event_seq = last_event_seq + :count WHERE id = :product_id"
+    " RETURNING last_event_seq"
+)
+_SQLITE_EVENT_ROW = (":product_id, :seq_{n}, :type_{n}, :entity_id_{n}, :from_state_{n},"
+                     " :to_state_{n}, :payload_{n}, :event_created_at")
+_SQLITE_EVENTS = {
+    count: SqliteStatement(
+        f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES "
+        + ", ".join(f"({_SQLITE_EVENT_ROW.format(n=n)})" for n in range(count)),
+        binds={"event_created_at": UTCDateTime(),
+               **{f"payload_{n}": JsonDocument for n in range(count)}},
+    )
+    for count in (1, 2)
+}
+
+
+async def write_onto_item(
+    session: AsyncSession, product_id: str, item_id: int, *, previous: ItemStatus,
+    status: ItemStatus | None, body: str, author: str, kind: CommentKind, now: datetime,
+) -> None:
+    """The echo's write onto an item the caller holds (read under its row lock, with
+    status `previous`): `status` set, with `updated_at = now`, and recorded as the
+    status the bridge owns (`bridge_status`), unless it is None; the comment added;
+    and the events of both (ITEM_STATUS_CHANGED first, then COMMENT_ADDED), handed to
+    the hub after commit (`remember_event`).  One statement on PostgreSQL, three or
+    four on SQLite (see the module docstring)."""
+    params: dict[str, Any] = {
+        "product_id": product_id, "item_id": item_id, "body": body, "author": author,
+        "kind": kind.value, "now": now, "event_created_at": now,
+    }
+    comment_payload = {"itemId": item_id, "kind": kind.value}
+    if status is not None:
+        params.update(status=status.value, previous=previous.value)
+    if _postgres(session):
+        statement = _PG_WRITE_COMMENT if status is None else _PG_WRITE_STATUS_AND_COMMENT
+        rows = (await session.execute(
+            statement, {**params, "comment_payload": comment_payload})).all()
+        seqs = [(row[0], row[1]) for row in rows]
+    else:
+        if status is not None:
+            await _SQLITE_SET_STATUS.rows(session, params)
+        [[comment_id]] = await _SQLITE_INSERT_COMMENT.rows(session, params)
+        count = 1 if status is None else 2
+        [[last]] = await _SQLITE_BUMP.rows(session, {"product_id": product_id, "count": count})
+        seqs = [(last - 1, item_id)] if status is not None else []
+        seqs.append((last, comment_id))
+    records = []
+    if status is not None:
+        seq, _ = seqs[0]
+        records.append(EventRecord(
+            product_id=product_id, seq=seq, type=EventType.ITEM_STATUS_CHANGED,
+            entity_id=item_id, from_state=previous.value, to_state=status.value,
+            created_at=now, payload={},
+        ))
+    seq, comment_id = seqs[-1]
+    records.append(EventRecord(
+        product_id=product_id, seq=seq, type=EventType.COMMENT_ADDED, entity_id=comment_id,
+        from_state=None, to_state=None, created_at=now, payload=comment_payload,
+    ))
+    if not _postgres(session):
+        values: dict[str, Any] = {"product_id": product_id, "event_created_at": now}
+        for n, record in enumerate(records):
+            values.update({
+                f"seq_{n}": record.seq, f"type_{n}": record.type.value,
+                f"entity_id_{n}": record.entity_id, f"from_state_{n}": record.from_state,
+                f"to_state_{n}": record.to_state, f"payload_{n}": record.payload,
+            })
+        await _SQLITE_EVENTS[len(records)].rows(session, values)
+    for record in records:
+        remember_event(session, record)
+
+
+_SET_BRIDGE_STATUS_SQL = (
+    "UPDATE items SET bridge_status = :bridge_status"
+    " WHERE product_id = :product_id AND id = :item_id"
+)
+_PG_SET_BRIDGE_STATUS = text(_SET_BRIDGE_STATUS_SQL).bindparams(
+    bindparam("bridge_status", type_=String()))
+_SQLITE_SET_BRIDGE_STATUS = SqliteStatement(_SET_BRIDGE_STATUS_SQL)
+
+
+async def write_bridge_status(
+    session: AsyncSession, product_id: str, item_id: int, bridge_status: ItemStatus | None
+) -> None:
+    """Record `bridge_status` as the status the bridge owns on an item the caller
+    holds (the status itself is left as it is)."""
+    params = {"product_id": product_id, "item_id": item_id,
+              "bridge_status": None if bridge_status is None else bridge_status.value}
+    if _postgres(session):
+        await session.execute(_PG_SET_BRIDGE_STATUS, params)
+    else:
+        await _SQLITE_SET_BRIDGE_STATUS.rows(session, params)
+
+
+# -- the job's record -------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,33 +352,39 @@ class EchoRecord:
     last_echoed_status: ItemStatus | None
 
 
-_RECORD_ECHO = (
-    update(JOBS)
-    .where(JOBS.c.product_id == bindparam("b_product_id"), JOBS.c.id == bindparam("b_job_id"))
-    .values(
-        echoed_stage=bindparam("b_stage"),
-        last_echoed_status=bindparam("b_status"),
-        echo_attempts=0,
-        echo_retry_at=None,
-        echo_retry_stage=None,
-    )
+_RECORD_ECHO_SQL = (
+    "UPDATE jobs SET echoed_stage = :stage, last_echoed_status = :status,"
+    " echo_attempts = 0, echo_retry_at = NULL, echo_retry_stage = NULL"
+    " WHERE product_id = :product_id AND id = :job_id"
 )
+_PG_RECORD_ECHO = text(_RECORD_ECHO_SQL).bindparams(
+    bindparam("stage", type_=String()), bindparam("status", type_=String()))
+_SQLITE_RECORD_ECHO = SqliteStatement(_RECORD_ECHO_SQL)
 
 
 async def record_echoes(
-    session: AsyncSession | AsyncConnection, product_id: str, records: Sequence[EchoRecord]
+    session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
 ) -> None:
-    """Store each completed echo on its job, in one UPDATE (executemany for several).
-    The caller holds the jobs' row locks (`echo_rows(lock=True)`)."""
+    """Store each completed echo on its job: one UPDATE (on PostgreSQL one executemany
+    for several).  The caller holds the jobs' row locks (`echo_rows(lock=True)`)."""
     params = [
-        {"b_product_id": product_id, "b_job_id": record.job_id, "b_stage": record.stage,
-         "b_status": record.last_echoed_status}
+        {"product_id": product_id, "job_id": record.job_id, "stage": record.stage.value,
+         "status": None if record.last_echoed_status is None
+         else record.last_echoed_status.value}
         for record in records
     ]
-    if len(params) == 1:  # the usual case: a plain execute, not the executemany path
-        await session.execute(_RECORD_ECHO, params[0])
-    elif params:
-        await session.execute(_RECORD_ECHO, params)
+    if not params:
+        return
+    if not _postgres(session):
+        for values in params:
+            await _SQLITE_RECORD_ECHO.rows(session, values)
+    elif len(params) == 1:  # the usual case: a plain execute, not the executemany path
+        await session.execute(_PG_RECORD_ECHO, params[0])
+    else:
+        await session.execute(_PG_RECORD_ECHO, params)
+
+
+# -- the sweeper's backlog --------------------------------------------------------
 
 
 def _covered() -> ColumnElement[bool]:

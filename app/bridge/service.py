@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
@@ -41,7 +41,6 @@ from app.fleet import repository as fleet_repository
 from app.fleet.models import JobStage
 from app.fleet.service import FleetService, SubmitResult
 from app.tracker import repository as tracker_repository
-from app.tracker import service as tracker_service
 from app.tracker.models import CommentKind, Item, ItemStatus
 from app.tracker.service import ItemChanges, NewItem
 from app.uow import Database
@@ -78,16 +77,12 @@ async def write_status_and_comment(
     session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
 ) -> None:
     """Set the item's status (`None`: leave it as it is), recorded as the status the
-    bridge owns, and add the metrics comment: one UPDATE and one INSERT, each with its
-    event."""
-    now = utcnow()
-    if status is not None and status != item.status:
-        await tracker_service.set_status_by_bridge(
-            session, item.product_id, item.id, previous=item.status, status=status, now=now
-        )
-    await tracker_service.add_comment_to_held_item(
-        session, item.product_id, item.id, body=comment, author=SYSTEM_AUTHOR,
-        kind=CommentKind.SYSTEM, now=now,
+    bridge owns, and add the metrics comment, with the events of both: one statement
+    on PostgreSQL (`bridge_repository.write_onto_item`)."""
+    await bridge_repository.write_onto_item(
+        session, item.product_id, item.id, previous=item.status,
+        status=status if status != item.status else None, body=comment,
+        author=SYSTEM_AUTHOR, kind=CommentKind.SYSTEM, now=utcnow(),
     )
 
 
@@ -217,12 +212,11 @@ class BridgeService:
         attempted = stage
         try:
             async with self.db.unit_of_work() as session:
-                connection = await session.connection()
                 rows = await bridge_repository.echo_rows(
-                    connection, product_id, [job_id], lock=True
+                    session, product_id, [job_id], lock=True
                 )
                 if not rows:  # no item (any more), or no such job in this product
-                    if not await bridge_repository.job_exists(connection, product_id, job_id):
+                    if not await bridge_repository.job_exists(session, product_id, job_id):
                         raise NotFoundError("job", job_id)
                     return EchoResult(echoed=None, error=None, item=None)
                 row = rows[0]
@@ -254,9 +248,9 @@ class BridgeService:
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
         try:
-            async with self._single_read() as connection:
+            async with self._single_read() as session:
                 rows = await bridge_repository.echo_rows(
-                    connection, product_id, job_ids, lock=False
+                    session, product_id, job_ids, lock=False
                 )
         except Exception:
             logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
@@ -270,21 +264,23 @@ class BridgeService:
         return done | {row.job_id for row in rows if row.item_id not in busy}
 
     @asynccontextmanager
-    async def _single_read(self) -> AsyncIterator[AsyncConnection]:
-        """A pooled connection for one statement that reads on its own: in autocommit on
-        PostgreSQL (the statement sees one snapshot; no BEGIN and ROLLBACK round trips),
-        and no ORM session anywhere."""
-        async with (self._autocommit or self.db.engine).connect() as connection:
-            yield connection
+    async def _single_read(self) -> AsyncIterator[AsyncSession]:
+        """A session for one statement that reads on its own: on PostgreSQL over a pooled
+        connection in autocommit (the statement sees one snapshot; no BEGIN and
+        ROLLBACK round trips), elsewhere a read session."""
+        if self._autocommit is None:
+            async with self.db.read() as session:
+                yield session
+            return
+        async with AsyncSession(self._autocommit) as session:
+            yield session
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
         unit of work; False, with nothing written, when that failed."""
         try:
             async with self.db.unit_of_work() as session:
-                rows = await bridge_repository.echo_rows(
-                    await session.connection(), product_id, job_ids, lock=True
-                )
+                rows = await bridge_repository.echo_rows(session, product_id, job_ids, lock=True)
                 order = {job_id: n for n, job_id in enumerate(job_ids)}
                 rows.sort(key=lambda row: order[row.job_id])
                 await self._apply(session, product_id, [(row, row.stage) for row in rows])
@@ -300,10 +296,7 @@ class BridgeService:
     ) -> list[ItemStatus | None]:
         """Write the echoes of `echoes` (each a row read under lock and the stage to
         echo), in order, and record them on their jobs; return the status each set on
-        its item (None: none).  Echoes of one item see what the earlier ones wrote.
-        The bridge's own statements run on the session's connection (Core: no ORM
-        state to keep); the writer seam gets the session."""
-        connection = await session.connection()
+        its item (None: none).  Echoes of one item see what the earlier ones wrote."""
         items: dict[int, _ItemSeen] = {}
         records: list[bridge_repository.EchoRecord] = []
         echoed: list[ItemStatus | None] = []
@@ -323,8 +316,8 @@ class BridgeService:
                 if plan.set_status is not None:  # the writer recorded it as the bridge's
                     item.status = bridge_status = plan.set_status
             if plan.bridge_status != bridge_status:
-                await tracker_repository.write_bridge_status(
-                    connection, product_id, row.item_id, plan.bridge_status
+                await bridge_repository.write_bridge_status(
+                    session, product_id, row.item_id, plan.bridge_status
                 )
             item.bridge_status = plan.bridge_status
             status = item_status_for_stage(stage)
@@ -332,7 +325,7 @@ class BridgeService:
                 row.job_id, stage, status if status is not None else row.last_echoed_status
             ))
             echoed.append(plan.set_status)
-        await bridge_repository.record_echoes(connection, product_id, records)
+        await bridge_repository.record_echoes(session, product_id, records)
         return echoed
 
     async def _schedule_retry(

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
 
-from sqlalchemy import Table, bindparam, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from app.db import JsonArrayContains
-from app.tracker.models import Comment, CommentKind, Item, ItemStatus
-
-# The tables themselves, for the echo's Core statements (no ORM state to keep).
-ITEMS: Table = Item.__table__  # type: ignore[assignment]
-COMMENTS: Table = Comment.__table__  # type: ignore[assignment]
+from app.tracker.models import Comment, Item, ItemStatus
 
 
 async def get_item(
@@ -84,48 +79,3 @@ async def list_comments(
         stmt = stmt.where(Comment.id > after_id)
     stmt = stmt.order_by(Comment.id).limit(limit)
     return (await session.execute(stmt)).scalars().all()
-
-
-# The echo's writes, built once: building a statement costs as much as running it.
-_ITEM_OF_PRODUCT = (ITEMS.c.product_id == bindparam("b_product_id"),
-                    ITEMS.c.id == bindparam("b_item_id"))
-_WRITE_BRIDGE_STATUS = update(ITEMS).where(*_ITEM_OF_PRODUCT).values(
-    bridge_status=bindparam("b_bridge_status"))
-_WRITE_STATUS = update(ITEMS).where(*_ITEM_OF_PRODUCT).values(
-    status=bindparam("b_status"), bridge_status=bindparam("b_bridge_status"),
-    updated_at=bindparam("b_updated_at"))
-_INSERT_COMMENT = insert(COMMENTS).values(
-    product_id=bindparam("b_product_id"), item_id=bindparam("b_item_id"),
-    body=bindparam("b_body"), author=bindparam("b_author"), kind=bindparam("b_kind"),
-    created_at=bindparam("b_created_at"),
-).returning(COMMENTS.c.id)
-
-
-async def write_bridge_status(
-    session: AsyncSession | AsyncConnection, product_id: str, item_id: int,
-    bridge_status: ItemStatus | None, *, status: ItemStatus | None = None,
-    now: datetime | None = None,
-) -> None:
-    """One `UPDATE items`: record `bridge_status` (the status the bridge owns) and, when
-    `status` is given, set it and `updated_at = now` too.  Core, no ORM state: the
-    caller holds the item's row lock and records the status change event itself."""
-    params: dict[str, object] = {"b_product_id": product_id, "b_item_id": item_id,
-                                 "b_bridge_status": bridge_status}
-    if status is None:
-        await session.execute(_WRITE_BRIDGE_STATUS, params)
-        return
-    params.update(b_status=status, b_updated_at=now)
-    await session.execute(_WRITE_STATUS, params)
-
-
-async def insert_comment(
-    session: AsyncSession | AsyncConnection, product_id: str, item_id: int, *, body: str,
-    author: str, kind: CommentKind, now: datetime,
-) -> int:
-    """One `INSERT INTO comments … RETURNING id` for an item the caller knows exists
-    (and holds); returns the new comment's id."""
-    result = await session.execute(_INSERT_COMMENT, {
-        "b_product_id": product_id, "b_item_id": item_id, "b_body": body, "b_author": author,
-        "b_kind": kind, "b_created_at": now,
-    })
-    return int(result.scalar_one())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -178,44 +177,3 @@ async def add_comment(
         payload={"itemId": item.id, "kind": kind.value},
     )
     return comment
-
-
-async def set_status_by_bridge(
-    session: AsyncSession, product_id: str, item_id: int, *,
-    previous: ItemStatus, status: ItemStatus, now: datetime,
-) -> None:
-    """The bridge's status write: `status` set (with `updated_at`) and recorded as the
-    status the bridge owns (`bridge_status`), in one UPDATE, and the change's event.
-    The caller holds the item's row lock and read `previous` under it; it differs
-    from `status`."""
-    await repository.write_bridge_status(
-        await session.connection(), product_id, item_id, status, status=status, now=now
-    )
-    await record_event(
-        session,
-        product_id=product_id,
-        type=EventType.ITEM_STATUS_CHANGED,
-        entity_id=item_id,
-        from_state=previous.value,
-        to_state=status.value,
-    )
-
-
-async def add_comment_to_held_item(
-    session: AsyncSession, product_id: str, item_id: int, *,
-    body: str, author: str, kind: CommentKind, now: datetime,
-) -> int:
-    """`add_comment` for a caller that already holds the item (the echo): one INSERT
-    and its event, no re-read of the item.  Returns the comment's id."""
-    comment_id = await repository.insert_comment(
-        await session.connection(), product_id, item_id, body=body, author=author, kind=kind,
-        now=now,
-    )
-    await record_event(
-        session,
-        product_id=product_id,
-        type=EventType.COMMENT_ADDED,
-        entity_id=comment_id,
-        payload={"itemId": item_id, "kind": kind.value},
-    )
-    return comment_id

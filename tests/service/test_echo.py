@@ -25,7 +25,7 @@ from app.bridge import repository as bridge_repository
 from app.bridge.mapping import echo_covered
 from app.bridge.service import EchoTarget, IngestOptions, write_status_and_comment
 from app.db import utcnow
-from app.events.models import EventType
+from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
@@ -195,6 +195,39 @@ async def test_one_items_failure_never_holds_back_another_items_echo(start: Any)
     assert await status_of(rt, first.id) == ItemStatus.BLOCKED
     assert [n.body.count("is FAILED") for n in await notes(rt, first.id)][-1] == 1
     assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_the_echo_hands_the_hub_exactly_the_events_it_stored(start: Any) -> None:
+    """The echo appends its events itself (one statement on PostgreSQL): what the hub
+    is given after each commit is what the log holds, gap-free and in order."""
+    rt: Runtime = await start(tracker_echo=True)
+    item = await create(rt)
+    await set_status(rt, item.id, ItemStatus.BLOCKED)  # a person's: the echo comments only
+    commits = watch_commits(rt)
+    job = await ingest(rt, item.id)  # QUEUED: a comment, the status left as is
+    await set_status(rt, item.id, ItemStatus.IN_PROGRESS)  # what the job shows
+    held = await claim(rt)  # the bridge takes the status as its own: no event
+    await move(rt, held, JobStage.SHIPPED)  # the status and a comment
+
+    handed = [r for commit in commits for r in commit]
+    async with rt.services.db.read() as session:
+        stored = (await session.execute(
+            select(Event).where(Event.product_id == PRODUCT, Event.seq >= handed[0].seq)
+            .order_by(Event.seq))).scalars().all()
+    assert [(r.seq, r.type, r.entity_id, r.from_state, r.to_state, r.payload)
+            for r in handed] == [
+        (e.seq, e.type, e.entity_id, e.from_state, e.to_state, e.payload) for e in stored]
+    assert [r.seq for r in handed] == list(range(handed[0].seq, handed[0].seq + len(handed)))
+    first, last = (c.id for c in await notes(rt, item.id))
+    by_echo = [(r.type, r.entity_id, r.from_state, r.to_state, r.payload) for r in handed
+               if r.type == EventType.COMMENT_ADDED or r.to_state == "DONE"]
+    assert by_echo == [
+        (EventType.COMMENT_ADDED, first, None, None, {"itemId": item.id, "kind": "SYSTEM"}),
+        (EventType.ITEM_STATUS_CHANGED, item.id, "IN_PROGRESS", "DONE", {}),
+        (EventType.COMMENT_ADDED, last, None, None, {"itemId": item.id, "kind": "SYSTEM"}),
+    ]
+    assert (await status_of(rt, item.id), (await load_job(rt, job.id)).echoed_stage) == (
+        ItemStatus.DONE, JobStage.SHIPPED)
 
 
 @pytest.mark.parametrize("store", ["postgres"])
