@@ -21,6 +21,7 @@ is one hop to the driver's thread (`SqliteStatement`), the item write four.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +45,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.types import TypeEngine
 
 from app.bridge.mapping import same_status_stages
@@ -120,19 +121,19 @@ _ROW_COLUMNS: tuple[tuple[str, str, TypeEngine[Any]], ...] = (
 )
 
 
-def _rows_sql(ids: str, lock: str) -> str:
+def _rows_sql(product: str, ids: str, lock: str = "") -> str:
     listed = ", ".join(f"{sql} AS {name}" for name, sql, _ in _ROW_COLUMNS)
     return (
         f"SELECT {listed} FROM items JOIN jobs"
         " ON jobs.tracker_item_id = items.id AND jobs.product_id = items.product_id"
-        f" WHERE jobs.product_id = :product_id AND jobs.id IN ({ids})"
+        f" WHERE jobs.product_id = {product} AND jobs.id IN ({ids})"
         f" ORDER BY items.id, jobs.id{lock}"
     )
 
 
 def _pg_rows(lock: str) -> TextualSelect:
     return (
-        text(_rows_sql("SELECT unnest(:job_ids)", lock))
+        text(_rows_sql(":product_id", "SELECT unnest(:job_ids)", lock))
         .bindparams(bindparam("job_ids", type_=ARRAY(Integer())))
         .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
     )
@@ -141,32 +142,81 @@ def _pg_rows(lock: str) -> TextualSelect:
 # FOR UPDATE OF items, jobs takes each row's marks in that order: the item's row
 # before its job's, and (ORDER BY) the items in id order.
 _PG_LOCKED_ROWS = _pg_rows(" FOR UPDATE OF items, jobs")
-_PG_ROWS = _pg_rows("")
+_SQLITE_ROWS_SQL = _rows_sql(":product_id", "SELECT value FROM json_each(:job_ids)")
 _SQLITE_ROWS = SqliteStatement(
-    _rows_sql("SELECT value FROM json_each(:job_ids)", ""),
-    binds={"job_ids": JsonDocument}, results=tuple(type_ for _, _, type_ in _ROW_COLUMNS),
+    _SQLITE_ROWS_SQL, binds={"job_ids": JsonDocument},
+    results=tuple(type_ for _, _, type_ in _ROW_COLUMNS),
 )
+_PG_DRIVER_ROWS_SQL = _rows_sql("$1", "SELECT unnest($2::integer[])")
 
 
 async def echo_rows(
-    session: AsyncSession, product_id: str, job_ids: Sequence[int], *, lock: bool
+    session: AsyncSession, product_id: str, job_ids: Sequence[int]
 ) -> list[EchoRow]:
     """The tracker-linked jobs among `job_ids` (of `product_id`) whose item exists, each
-    with its item, in one statement, ordered by item then job.  A job that is not in
-    the product, has no item or whose item is gone is simply not returned.
+    with its item, read and locked in one statement, ordered by item then job.  A job
+    that is not in the product, has no item or whose item is gone is simply not
+    returned.
 
-    With `lock` the rows are locked FOR UPDATE on PostgreSQL: each item's row before
-    its job's, and the items in id order, so two echoes never wait on each other in a
-    cycle, and an item is always locked before its jobs, as by every other item
-    write.  On SQLite the writer transaction already holds the database's write lock.
+    On PostgreSQL the rows are locked FOR UPDATE: each item's row before its job's,
+    and the items in id order, so two echoes never wait on each other in a cycle, and
+    an item is always locked before its jobs, as by every other item write.  On SQLite
+    the writer transaction already holds the database's write lock.
     """
     params = {"product_id": product_id, "job_ids": list(job_ids)}
     if _postgres(session):
-        statement = _PG_LOCKED_ROWS if lock else _PG_ROWS
-        rows: Sequence[Sequence[Any]] = (await session.execute(statement, params)).all()
+        rows: Sequence[Sequence[Any]] = (await session.execute(_PG_LOCKED_ROWS, params)).all()
     else:
         rows = await _SQLITE_ROWS.rows(session, params)
     return [EchoRow(*row) for row in rows]
+
+
+_Processor = Any  # a SQLAlchemy result processor, or None
+_DRIVER_RESULTS: dict[str, tuple[_Processor, ...]] = {}
+
+
+async def echo_rows_unlocked(
+    engine: AsyncEngine, product_id: str, job_ids: Sequence[int]
+) -> list[EchoRow]:
+    """`echo_rows` without locks and outside any transaction: the one statement runs
+    straight on the driver of a pooled connection of `engine` (autocommit; a single
+    statement reads one snapshot), with no BEGIN, no ROLLBACK and no session — on
+    SQLite that is one hop to the driver's thread where a read session takes six.
+    The engine's cursor listeners see the statement like any other.  Driver errors
+    are raised as the driver's."""
+    async with engine.connect() as connection:
+        sync = connection.sync_connection
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert sync is not None
+        assert driver is not None
+        dialect = connection.dialect
+        postgres = dialect.name == "postgresql"
+        sql = _PG_DRIVER_ROWS_SQL if postgres else _SQLITE_ROWS_SQL
+        params: Any = (
+            (product_id, list(job_ids)) if postgres
+            else {"product_id": product_id, "job_ids": json.dumps(list(job_ids))}
+        )
+        sync.dispatch.before_cursor_execute(sync, None, sql, params, None, False)
+        rows: Sequence[Sequence[Any]] = (
+            await driver.fetch(sql, *params) if postgres
+            else await driver.execute_fetchall(sql, params)
+        )
+        sync.dispatch.after_cursor_execute(sync, None, sql, params, None, False)
+    results = _DRIVER_RESULTS.get(dialect.name)
+    if results is None:
+        # SQLAlchemy's own conversions (enums, UTC datetimes, SQLite's 0/1 booleans);
+        # floats come back as floats from both drivers (asyncpg's float processor
+        # would want the column's type oid).
+        results = _DRIVER_RESULTS[dialect.name] = tuple(
+            None if isinstance(type_, Float)
+            else type_.dialect_impl(dialect).result_processor(dialect, None)
+            for _, _, type_ in _ROW_COLUMNS
+        )
+    return [
+        EchoRow(*(value if process is None else process(value)
+                  for process, value in zip(results, row, strict=True)))
+        for row in rows
+    ]
 
 
 _JOB_EXISTS = select(JOBS.c.id).where(JOBS.c.product_id == bindparam("b_product_id"),
@@ -366,7 +416,7 @@ async def record_echoes(
     session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
 ) -> None:
     """Store each completed echo on its job: one UPDATE (on PostgreSQL one executemany
-    for several).  The caller holds the jobs' row locks (`echo_rows(lock=True)`)."""
+    for several).  The caller holds the jobs' row locks (`echo_rows`)."""
     params = [
         {"product_id": product_id, "job_id": record.job_id, "stage": record.stage.value,
          "status": None if record.last_echoed_status is None

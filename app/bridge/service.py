@@ -12,8 +12,7 @@ The item-writing step is a seam (`ItemEchoWriter`) so that a fault can be inject
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol
@@ -113,9 +112,11 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
-        self._autocommit: AsyncEngine | None = (
+        # The unlocked reads' pool: in autocommit on PostgreSQL (its pre-ping is then one
+        # round trip, not three).
+        self._read_engine: AsyncEngine = (
             db.engine.execution_options(isolation_level="AUTOCOMMIT")
-            if db.dialect == "postgresql" else None
+            if db.dialect == "postgresql" else db.engine
         )
 
     async def ingest_item(
@@ -212,9 +213,7 @@ class BridgeService:
         attempted = stage
         try:
             async with self.db.unit_of_work() as session:
-                rows = await bridge_repository.echo_rows(
-                    session, product_id, [job_id], lock=True
-                )
+                rows = await bridge_repository.echo_rows(session, product_id, [job_id])
                 if not rows:  # no item (any more), or no such job in this product
                     if not await bridge_repository.job_exists(session, product_id, job_id):
                         raise NotFoundError("job", job_id)
@@ -248,10 +247,9 @@ class BridgeService:
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
         try:
-            async with self._single_read() as session:
-                rows = await bridge_repository.echo_rows(
-                    session, product_id, job_ids, lock=False
-                )
+            rows = await bridge_repository.echo_rows_unlocked(
+                self._read_engine, product_id, job_ids
+            )
         except Exception:
             logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
             return set()
@@ -263,24 +261,12 @@ class BridgeService:
         done = {job_id for job_id in job_ids if job_id not in linked}  # no item: no echo
         return done | {row.job_id for row in rows if row.item_id not in busy}
 
-    @asynccontextmanager
-    async def _single_read(self) -> AsyncIterator[AsyncSession]:
-        """A session for one statement that reads on its own: on PostgreSQL over a pooled
-        connection in autocommit (the statement sees one snapshot; no BEGIN and
-        ROLLBACK round trips), elsewhere a read session."""
-        if self._autocommit is None:
-            async with self.db.read() as session:
-                yield session
-            return
-        async with AsyncSession(self._autocommit) as session:
-            yield session
-
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
         unit of work; False, with nothing written, when that failed."""
         try:
             async with self.db.unit_of_work() as session:
-                rows = await bridge_repository.echo_rows(session, product_id, job_ids, lock=True)
+                rows = await bridge_repository.echo_rows(session, product_id, job_ids)
                 order = {job_id: n for n, job_id in enumerate(job_ids)}
                 rows.sort(key=lambda row: order[row.job_id])
                 await self._apply(session, product_id, [(row, row.stage) for row in rows])

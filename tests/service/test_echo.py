@@ -29,7 +29,7 @@ from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
-from app.fleet.service import JobSpec
+from app.fleet.service import JobSpec, MetricsDelta
 from app.main import Runtime
 from app.tracker import service as tracker_service
 from app.tracker.models import Comment, CommentKind, Item, ItemStatus
@@ -228,6 +228,38 @@ async def test_the_echo_hands_the_hub_exactly_the_events_it_stored(start: Any) -
     ]
     assert (await status_of(rt, item.id), (await load_job(rt, job.id)).echoed_stage) == (
         ItemStatus.DONE, JobStage.SHIPPED)
+
+
+async def test_the_unlocked_read_sees_what_the_locked_read_sees(start: Any) -> None:
+    """The unlocked read runs on the driver, outside SQLAlchemy's statements: the same
+    rows, converted the same way (enums, UTC datetimes, booleans, floats, NULLs)."""
+    rt: Runtime = await start(tracker_echo=True)
+    item, other = await create(rt), await create(rt, "other")
+    first = await ingest(rt, item.id)
+    second = await submit_for(rt, item.id, "the latest job")
+    plain = await ingest(rt, other.id)
+    held = await claim(rt)
+    await move(rt, held, JobStage.SHIPPED, metrics=MetricsDelta(cost_usd=0.125, tokens_in=7))
+    async with rt.services.db.unit_of_work() as session:
+        await session.execute(update(Job).where(Job.id == plain.id).values(
+            echo_attempts=2, echo_retry_at=utcnow(), echo_retry_stage=JobStage.QUEUED))
+    ids = [second.id, plain.id, first.id, 10_000]  # a job that does not exist is left out
+
+    unlocked = await bridge_repository.echo_rows_unlocked(
+        rt.services.bridge._read_engine, PRODUCT, ids)
+    async with rt.services.db.unit_of_work() as session:
+        locked = await bridge_repository.echo_rows(session, PRODUCT, ids)
+    assert unlocked == locked
+    assert [(row.job_id, row.latest) for row in locked] == [
+        (first.id, False), (second.id, True), (plain.id, True)]
+    shipped = locked[0]
+    assert (shipped.stage, shipped.cost_usd, shipped.tokens_in) == (JobStage.SHIPPED, 0.125, 7)
+    assert shipped.finished_at is not None
+    assert shipped.finished_at.utcoffset() == timedelta(0)
+    assert (locked[2].echo_retry_stage, locked[2].echo_retry_at is not None) == (
+        JobStage.QUEUED, True)
+    assert await bridge_repository.echo_rows_unlocked(
+        rt.services.bridge._read_engine, "globex", ids) == []
 
 
 @pytest.mark.parametrize("store", ["postgres"])
