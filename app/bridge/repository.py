@@ -21,7 +21,6 @@ is one hop to the driver's thread (`SqliteStatement`), the item write four.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -44,7 +43,6 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from sqlalchemy.types import TypeEngine
 
@@ -102,8 +100,8 @@ _ROW_COLUMNS: tuple[tuple[str, str, TypeEngine[Any]], ...] = (
     ("item_id", "items.id", Integer()),
     ("item_status", "items.status", ITEM_STATUS),
     ("bridge_status", "items.bridge_status", ITEM_STATUS),
-    ("latest", "(SELECT max(newer.id) FROM jobs AS newer WHERE newer.product_id ="
-               " jobs.product_id AND newer.tracker_item_id = jobs.tracker_item_id) = jobs.id",
+    ("latest", "NOT EXISTS (SELECT 1 FROM jobs AS newer"
+               " WHERE newer.tracker_item_id = jobs.tracker_item_id AND newer.id > jobs.id)",
      Boolean()),
     ("stage", "jobs.stage", JOB_STAGE),
     ("echoed_stage", "jobs.echoed_stage", JOB_STAGE),
@@ -121,53 +119,58 @@ _ROW_COLUMNS: tuple[tuple[str, str, TypeEngine[Any]], ...] = (
 )
 
 
-def _rows_sql(product: str, ids: str, lock: str = "") -> str:
+def _row_sql(product: str, job: str, lock: str = "") -> str:
+    """The read of one job and its item.  Its shape keeps it to unique lookups whatever
+    the planner's statistics say (a fresh database has none, and then takes any
+    `product_id = …` to match a handful of rows, so a join or an `= ANY(…)` would scan
+    all of a product's jobs and items): the job by `(product_id, id)`, its item by
+    primary key only (a job's item is always in the job's product), and `latest` as
+    "no newer job of the item" (`ix_jobs_tracker_item_id`; a max(id) would become a
+    backward scan of the product's jobs)."""
     listed = ", ".join(f"{sql} AS {name}" for name, sql, _ in _ROW_COLUMNS)
     return (
-        f"SELECT {listed} FROM items JOIN jobs"
-        " ON jobs.tracker_item_id = items.id AND jobs.product_id = items.product_id"
-        f" WHERE jobs.product_id = {product} AND jobs.id IN ({ids})"
-        f" ORDER BY items.id, jobs.id{lock}"
-    )
-
-
-def _pg_rows(lock: str) -> TextualSelect:
-    return (
-        text(_rows_sql(":product_id", "SELECT unnest(:job_ids)", lock))
-        .bindparams(bindparam("job_ids", type_=ARRAY(Integer())))
-        .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
+        f"SELECT {listed} FROM jobs JOIN items ON items.id = jobs.tracker_item_id"
+        f" WHERE jobs.product_id = {product} AND jobs.id = {job}{lock}"
     )
 
 
 # FOR UPDATE OF items, jobs takes each row's marks in that order: the item's row
-# before its job's, and (ORDER BY) the items in id order.
-_PG_LOCKED_ROWS = _pg_rows(" FOR UPDATE OF items, jobs")
-_SQLITE_ROWS_SQL = _rows_sql(":product_id", "SELECT value FROM json_each(:job_ids)")
-_SQLITE_ROWS = SqliteStatement(
-    _SQLITE_ROWS_SQL, binds={"job_ids": JsonDocument},
-    results=tuple(type_ for _, _, type_ in _ROW_COLUMNS),
+# before its job's (tests/service/test_echo.py checks it).
+_PG_LOCKED_ROW = (
+    text(_row_sql(":product_id", ":job_id", " FOR UPDATE OF items, jobs"))
+    .bindparams(bindparam("job_id", type_=Integer()))
+    .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
 )
-_PG_DRIVER_ROWS_SQL = _rows_sql("$1", "SELECT unnest($2::integer[])")
+_SQLITE_ROW_SQL = _row_sql(":product_id", ":job_id")
+_SQLITE_ROW = SqliteStatement(
+    _SQLITE_ROW_SQL, results=tuple(type_ for _, _, type_ in _ROW_COLUMNS)
+)
+_PG_DRIVER_ROW_SQL = _row_sql("$1", "$2")
 
 
 async def echo_rows(
     session: AsyncSession, product_id: str, job_ids: Sequence[int]
 ) -> list[EchoRow]:
     """The tracker-linked jobs among `job_ids` (of `product_id`) whose item exists, each
-    with its item, read and locked in one statement, ordered by item then job.  A job
-    that is not in the product, has no item or whose item is gone is simply not
-    returned.
+    with its item, in the order given; one statement per job.  A job that is not in
+    the product, has no item or whose item is gone is simply not returned.
 
-    On PostgreSQL the rows are locked FOR UPDATE: each item's row before its job's,
-    and the items in id order, so two echoes never wait on each other in a cycle, and
-    an item is always locked before its jobs, as by every other item write.  On SQLite
-    the writer transaction already holds the database's write lock.
+    On PostgreSQL each row is locked FOR UPDATE, the item's before its job's, as by
+    every other item write (which then locks the item's jobs).  Jobs of several items
+    are locked in the order given; should two such echoes ever wait on each other,
+    the database ends one of them, and the bridge then echoes its jobs one by one.
+    On SQLite the writer transaction already holds the database's write lock.
     """
-    params = {"product_id": product_id, "job_ids": list(job_ids)}
-    if _postgres(session):
-        rows: Sequence[Sequence[Any]] = (await session.execute(_PG_LOCKED_ROWS, params)).all()
-    else:
-        rows = await _SQLITE_ROWS.rows(session, params)
+    rows: list[Sequence[Any]] = []
+    postgres = _postgres(session)
+    for job_id in job_ids:
+        params = {"product_id": product_id, "job_id": job_id}
+        row = (
+            (await session.execute(_PG_LOCKED_ROW, params)).first() if postgres
+            else await _SQLITE_ROW.first(session, params)
+        )
+        if row is not None:
+            rows.append(row)
     return [EchoRow(*row) for row in rows]
 
 
@@ -178,12 +181,13 @@ _DRIVER_RESULTS: dict[str, tuple[_Processor, ...]] = {}
 async def echo_rows_unlocked(
     engine: AsyncEngine, product_id: str, job_ids: Sequence[int]
 ) -> list[EchoRow]:
-    """`echo_rows` without locks and outside any transaction: the one statement runs
+    """`echo_rows` without locks and outside any transaction: each statement runs
     straight on the driver of a pooled connection of `engine` (autocommit; a single
     statement reads one snapshot), with no BEGIN, no ROLLBACK and no session — on
     SQLite that is one hop to the driver's thread where a read session takes six.
-    The engine's cursor listeners see the statement like any other.  Driver errors
+    The engine's cursor listeners see the statements like any other.  Driver errors
     are raised as the driver's."""
+    fetched: list[Sequence[Any]] = []
     async with engine.connect() as connection:
         sync = connection.sync_connection
         driver = (await connection.get_raw_connection()).driver_connection
@@ -191,17 +195,18 @@ async def echo_rows_unlocked(
         assert driver is not None
         dialect = connection.dialect
         postgres = dialect.name == "postgresql"
-        sql = _PG_DRIVER_ROWS_SQL if postgres else _SQLITE_ROWS_SQL
-        params: Any = (
-            (product_id, list(job_ids)) if postgres
-            else {"product_id": product_id, "job_ids": json.dumps(list(job_ids))}
-        )
-        sync.dispatch.before_cursor_execute(sync, None, sql, params, None, False)
-        rows: Sequence[Sequence[Any]] = (
-            await driver.fetch(sql, *params) if postgres
-            else await driver.execute_fetchall(sql, params)
-        )
-        sync.dispatch.after_cursor_execute(sync, None, sql, params, None, False)
+        sql = _PG_DRIVER_ROW_SQL if postgres else _SQLITE_ROW_SQL
+        for job_id in job_ids:
+            params: Any = (
+                (product_id, job_id) if postgres
+                else {"product_id": product_id, "job_id": job_id}
+            )
+            sync.dispatch.before_cursor_execute(sync, None, sql, params, None, False)
+            fetched.extend(
+                await driver.fetch(sql, *params) if postgres
+                else await driver.execute_fetchall(sql, params)
+            )
+            sync.dispatch.after_cursor_execute(sync, None, sql, params, None, False)
     results = _DRIVER_RESULTS.get(dialect.name)
     if results is None:
         # SQLAlchemy's own conversions (enums, UTC datetimes, SQLite's 0/1 booleans);
@@ -215,7 +220,7 @@ async def echo_rows_unlocked(
     return [
         EchoRow(*(value if process is None else process(value)
                   for process, value in zip(results, row, strict=True)))
-        for row in rows
+        for row in fetched
     ]
 
 
@@ -230,9 +235,12 @@ async def job_exists(session: AsyncSession, product_id: str, job_id: int) -> boo
 
 # -- the item write ---------------------------------------------------------------
 
+# An item is written by primary key alone: the echo found it as the tracker item of
+# a job of the product, under lock (`echo_rows`).  `product_id = … AND id = …` would
+# let a planner without statistics scan the product's items instead.
 _SET_STATUS_SQL = (
     "UPDATE items SET status = :status, bridge_status = :status, updated_at = :now"
-    " WHERE product_id = :product_id AND id = :item_id"
+    " WHERE id = :item_id"
 )
 _INSERT_COMMENT_SQL = (
     "INSERT INTO comments (product_id, item_id, body, author, kind, created_at)"
@@ -367,10 +375,7 @@ async def write_onto_item(
         remember_event(session, record)
 
 
-_SET_BRIDGE_STATUS_SQL = (
-    "UPDATE items SET bridge_status = :bridge_status"
-    " WHERE product_id = :product_id AND id = :item_id"
-)
+_SET_BRIDGE_STATUS_SQL = "UPDATE items SET bridge_status = :bridge_status WHERE id = :item_id"
 _PG_SET_BRIDGE_STATUS = text(_SET_BRIDGE_STATUS_SQL).bindparams(
     bindparam("bridge_status", type_=String()))
 _SQLITE_SET_BRIDGE_STATUS = SqliteStatement(_SET_BRIDGE_STATUS_SQL)
@@ -381,7 +386,7 @@ async def write_bridge_status(
 ) -> None:
     """Record `bridge_status` as the status the bridge owns on an item the caller
     holds (the status itself is left as it is)."""
-    params = {"product_id": product_id, "item_id": item_id,
+    params = {"item_id": item_id,
               "bridge_status": None if bridge_status is None else bridge_status.value}
     if _postgres(session):
         await session.execute(_PG_SET_BRIDGE_STATUS, params)

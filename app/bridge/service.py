@@ -267,8 +267,6 @@ class BridgeService:
         try:
             async with self.db.unit_of_work() as session:
                 rows = await bridge_repository.echo_rows(session, product_id, job_ids)
-                order = {job_id: n for n, job_id in enumerate(job_ids)}
-                rows.sort(key=lambda row: order[row.job_id])
                 await self._apply(session, product_id, [(row, row.stage) for row in rows])
         except Exception:
             logger.info("echoing %d jobs together failed; echoing each on its own",

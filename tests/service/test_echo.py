@@ -250,13 +250,13 @@ async def test_the_unlocked_read_sees_what_the_locked_read_sees(start: Any) -> N
     async with rt.services.db.unit_of_work() as session:
         locked = await bridge_repository.echo_rows(session, PRODUCT, ids)
     assert unlocked == locked
-    assert [(row.job_id, row.latest) for row in locked] == [
-        (first.id, False), (second.id, True), (plain.id, True)]
-    shipped = locked[0]
+    assert [(row.job_id, row.latest) for row in locked] == [  # in the order asked for
+        (second.id, True), (plain.id, True), (first.id, False)]
+    shipped = locked[2]
     assert (shipped.stage, shipped.cost_usd, shipped.tokens_in) == (JobStage.SHIPPED, 0.125, 7)
     assert shipped.finished_at is not None
     assert shipped.finished_at.utcoffset() == timedelta(0)
-    assert (locked[2].echo_retry_stage, locked[2].echo_retry_at is not None) == (
+    assert (locked[1].echo_retry_stage, locked[1].echo_retry_at is not None) == (
         JobStage.QUEUED, True)
     assert await bridge_repository.echo_rows_unlocked(
         rt.services.bridge._read_engine, "globex", ids) == []
