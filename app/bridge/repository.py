@@ -182,9 +182,10 @@ async def echo_rows_unlocked(
     engine: AsyncEngine, product_id: str, job_ids: Sequence[int]
 ) -> list[EchoRow]:
     """`echo_rows` without locks and outside any transaction: each statement runs
-    straight on the driver of a pooled connection of `engine` (autocommit; a single
-    statement reads one snapshot), with no BEGIN, no ROLLBACK and no session — on
-    SQLite that is one hop to the driver's thread where a read session takes six.
+    straight on the driver of a pooled connection of `engine`, in the driver's
+    autocommit (a single statement reads one snapshot), with no BEGIN, no ROLLBACK and
+    no session — on SQLite one hop to the driver's thread where a read session takes
+    six.
     The engine's cursor listeners see the statements like any other.  Driver errors
     are raised as the driver's."""
     fetched: list[Sequence[Any]] = []

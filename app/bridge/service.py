@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
@@ -112,12 +112,6 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
-        # The unlocked reads' pool: in autocommit on PostgreSQL (its pre-ping is then one
-        # round trip, not three).
-        self._read_engine: AsyncEngine = (
-            db.engine.execution_options(isolation_level="AUTOCOMMIT")
-            if db.dialect == "postgresql" else db.engine
-        )
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -247,9 +241,7 @@ class BridgeService:
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
         try:
-            rows = await bridge_repository.echo_rows_unlocked(
-                self._read_engine, product_id, job_ids
-            )
+            rows = await bridge_repository.echo_rows_unlocked(self.db.engine, product_id, job_ids)
         except Exception:
             logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
             return set()

@@ -246,7 +246,7 @@ async def test_the_unlocked_read_sees_what_the_locked_read_sees(start: Any) -> N
     ids = [second.id, plain.id, first.id, 10_000]  # a job that does not exist is left out
 
     unlocked = await bridge_repository.echo_rows_unlocked(
-        rt.services.bridge._read_engine, PRODUCT, ids)
+        rt.services.db.engine, PRODUCT, ids)
     async with rt.services.db.unit_of_work() as session:
         locked = await bridge_repository.echo_rows(session, PRODUCT, ids)
     assert unlocked == locked
@@ -259,7 +259,7 @@ async def test_the_unlocked_read_sees_what_the_locked_read_sees(start: Any) -> N
     assert (locked[1].echo_retry_stage, locked[1].echo_retry_at is not None) == (
         JobStage.QUEUED, True)
     assert await bridge_repository.echo_rows_unlocked(
-        rt.services.bridge._read_engine, "globex", ids) == []
+        rt.services.db.engine, "globex", ids) == []
 
 
 @pytest.mark.parametrize("store", ["postgres"])
