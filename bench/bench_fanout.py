@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_fanout.py --quick         # small sizes, < 2 minutes
     .venv/bin/python bench/bench_fanout.py --json          # one JSON object, printed last
     .venv/bin/python bench/bench_fanout.py --scenario sqlite-1000 --scenario pg-two-1000
-    .venv/bin/python bench/bench_fanout.py --app-dir /path/to/other/checkout   # "before"
+    .venv/bin/python bench/bench_fanout.py --app-dir before=/path/to/old --app-dir after=.
+                                                           # several checkouts, side by side
+    .venv/bin/python bench/bench_fanout.py --server-env FLEET_WS_PER_MESSAGE_DEFLATE=true
 
 Everything is real: `python -m app.cli serve` processes (one, or two on one
 PostgreSQL database), S websocket clients speaking `graphql-transport-ws`, spread
@@ -27,9 +29,17 @@ Measured per scenario:
 * mutation latency during fan-out: p50/p99 of the submit round trips.
 
 `--app-dir` serves another checkout of the code (a `git worktree` of an older commit)
-with this same driver, which is how bench/RESULTS.md records before/after. The
-PostgreSQL server is FLEET_BENCH_PG (default postgresql://postgres@127.0.0.1:5432);
-PostgreSQL scenarios are skipped when it does not answer.
+with this same driver, which is how bench/RESULTS.md records before/after; given
+several times (`LABEL=DIR`), each scenario runs once per checkout, one right after the
+other, so both sides see the same load on a shared machine.  `--server-env` adds
+environment to the served processes.  Every websocket uses one token from one address,
+so the served processes run with the per-token and per-address limits lifted.  There is
+one client process per SUBSCRIBERS_PER_CLIENT subscribers (at least two), and the open-
+files limit is raised to the hard limit (10,000 websockets are 10,000 descriptors in the
+server and across the clients).  `FLEET_BENCH_PROFILE=DIR` writes a cProfile of each
+served process there.  The PostgreSQL server is FLEET_BENCH_PG (default
+postgresql://postgres@127.0.0.1:5432); PostgreSQL scenarios are skipped when it does not
+answer.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import resource
 import signal
 import socket
 import subprocess
@@ -62,7 +73,8 @@ from websockets.asyncio.client import connect
 REPO = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("FLEET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 PRODUCT = "bench"
-CLIENT_PROCESSES = 2
+CLIENT_PROCESSES = 2  # at least; one more per SUBSCRIBERS_PER_CLIENT
+SUBSCRIBERS_PER_CLIENT = 2_500
 CONNECT_CONCURRENCY = 64
 PROBE_DEADLINE = 180.0  # seconds for every subscriber to see the untimed first event
 
@@ -106,6 +118,7 @@ class Result:
     changes: int
     rate: float
     instances: int
+    label: str = ""
     delivery_p50_ms: float | None = None
     delivery_p99_ms: float | None = None
     delivery_max_ms: float | None = None
@@ -144,7 +157,8 @@ def proc_rss_kib(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, app_dir: Path, database_url: str, log_dir: Path, name: str) -> None:
+    def __init__(self, app_dir: Path, database_url: str, log_dir: Path, name: str,
+                 extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/graphql"
@@ -155,6 +169,13 @@ class Server:
             "PYTHONPATH": str(app_dir),
             **SERVED_ENV,
             "FLEET_MAX_SUBSCRIPTIONS_PER_CONNECTION": "20",
+            # One token and one address open every websocket: the per-token and per-address
+            # limits (DESIGN §8) would refuse all but the first few.
+            "FLEET_MAX_WEBSOCKETS_PER_TOKEN": "1000000",
+            "FLEET_MAX_SUBSCRIPTIONS_PER_TOKEN": "1000000",
+            "FLEET_RATE_LIMIT_PER_IP": "",
+            "FLEET_RATE_LIMIT_PER_TOKEN": "",
+            **extra_env,
         }
         with self.log_path.open("wb") as log:
             profile = os.environ.get("FLEET_BENCH_PROFILE")  # a directory: cProfile the servers
@@ -395,7 +416,8 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         rss_before = proc_rss_kib(delivering.pid)
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        processes = min(CLIENT_PROCESSES, scenario.subscribers)
+        processes = min(max(CLIENT_PROCESSES, -(-scenario.subscribers // SUBSCRIBERS_PER_CLIENT)),
+                        scenario.subscribers)
         shares = [scenario.subscribers // processes + (i < scenario.subscribers % processes)
                   for i in range(processes)]
         expected = scenario.changes + 1
@@ -469,9 +491,10 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
     result.mutation_p99_ms = percentile(mutation_ms, 0.99)
 
 
-def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Result:
+def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float,
+                 label: str = "", extra_env: dict[str, str] | None = None) -> Result:
     result = Result(scenario.name, scenario.store, scenario.subscribers, scenario.changes,
-                    scenario.rate, scenario.instances)
+                    scenario.rate, scenario.instances, label=label or str(app_dir))
     if scenario.store == "postgres" and not pg_answers():
         result.skipped = f"PostgreSQL does not answer at {PG_DSN}"
         return result
@@ -479,7 +502,7 @@ def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Res
         tmp = Path(tmp_name)
         with fresh_database(scenario.store, tmp) as database_url:
             token = prepare(app_dir, database_url)
-            servers = [Server(app_dir, database_url, tmp, name)
+            servers = [Server(app_dir, database_url, tmp, name, extra_env or {})
                        for name in "AB"[: scenario.instances]]
             try:
                 async def main() -> None:
@@ -503,25 +526,44 @@ def machine() -> dict[str, Any]:
     }
 
 
+def raise_open_files_limit() -> None:
+    """10,000 websockets need 10,000 descriptors in the server and in the clients
+    (which inherit this process's limit): raise the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(quick: bool = False, names: list[str] | None = None, app_dir: Path = REPO,
-        drain_seconds: float = 60.0) -> dict[str, Any]:
-    """Run the scenarios; returns {"machine": …, "fanout": [result, …]} (for bench/run.py)."""
+        drain_seconds: float = 60.0, *, app_dirs: list[tuple[str, Path]] | None = None,
+        extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the scenarios; returns {"machine": …, "fanout": [result, …]} (for bench/run.py).
+
+    `app_dirs` ([(label, checkout)]) serves several checkouts side by side: each
+    scenario runs once per checkout, one after the other, before the next scenario."""
+    raise_open_files_limit()
     chosen = QUICK if quick else SCENARIOS
     if names:
         chosen = [s for s in SCENARIOS + QUICK if s.name in names]
+    checkouts = app_dirs or [("", app_dir)]
     results = []
     for scenario in chosen:
-        print(f"fan-out {scenario.name}: S={scenario.subscribers} M={scenario.changes} "
-              f"at {scenario.rate}/s, {scenario.instances} instance(s)…", file=sys.stderr,
-              flush=True)
-        result = run_scenario(scenario, app_dir, drain_seconds)
-        print("  " + json.dumps(asdict(result)), file=sys.stderr, flush=True)
-        results.append(asdict(result))
-    return {"machine": machine(), "app_dir": str(app_dir), "fanout": results}
+        for label, directory in checkouts:
+            print(f"fan-out {scenario.name}{f' [{label}]' if label else ''}: "
+                  f"S={scenario.subscribers} M={scenario.changes} "
+                  f"at {scenario.rate}/s, {scenario.instances} instance(s)…", file=sys.stderr,
+                  flush=True)
+            result = run_scenario(scenario, directory, drain_seconds, label, extra_env)
+            print("  " + json.dumps(asdict(result)), file=sys.stderr, flush=True)
+            results.append(asdict(result))
+    return {"machine": machine(), "app_dir": str(checkouts[0][1]),
+            "app_dirs": {label or "default": str(path) for label, path in checkouts},
+            "fanout": results}
 
 
 def print_table(report: dict[str, Any]) -> None:
-    header = ("scenario", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
+    header = ("scenario", "code", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
               "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99")
     print(" | ".join(header))
     for r in report["fanout"]:
@@ -529,7 +571,7 @@ def print_table(report: dict[str, Any]) -> None:
             print(f"{r['scenario']} | skipped: {r['skipped']}")
             continue
         print(" | ".join(str(x) for x in (
-            r["scenario"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
+            r["scenario"], r["label"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
             r["delivery_p99_ms"], r["lost"], r["out_of_order"], r["errors"],
             r["rss_per_subscriber_kib"], r["server_cpu_per_delivery_ms"],
             r["mutation_p50_ms"], r["mutation_p99_ms"],
@@ -541,10 +583,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--scenario", action="append", dest="names")
-    parser.add_argument("--app-dir", type=Path, default=REPO)
+    parser.add_argument("--app-dir", action="append", default=[], metavar="[LABEL=]DIR",
+                        help="checkout to serve (repeat to run several side by side; "
+                        "default: this one)")
     parser.add_argument("--drain-seconds", type=float, default=60.0)
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the served processes (repeatable)")
     args = parser.parse_args()
-    report = run(args.quick, args.names, args.app_dir.resolve(), args.drain_seconds)
+    app_dirs = []
+    for spec in args.app_dir or [str(REPO)]:
+        label, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(directory).resolve()
+        app_dirs.append((label or path.name, path))
+    extra_env = dict(spec.split("=", 1) for spec in args.server_env)
+    report = run(args.quick, args.names, app_dirs[0][1], args.drain_seconds,
+                 app_dirs=app_dirs, extra_env=extra_env)
     print_table(report)
     if args.json:
         print(json.dumps(report))
