@@ -26,6 +26,7 @@ from strawberry.extensions.query_depth_limiter import create_validator as depth_
 from strawberry.types import ExecutionContext
 
 from app.errors import FleetError, quote
+from app.graphql.delivery import SharedEventExecutor
 from app.graphql.guards import RequestGuards
 from app.graphql.mutations import Mutation
 from app.graphql.queries import Query
@@ -148,4 +149,6 @@ schema = FleetSchema(
         OneSnapshotPerQuery,
         MaskUnexpectedErrors,
     ],
+    # Subscriptions: one execution per event and distinct subscription (app.graphql.delivery).
+    execution_context_class=SharedEventExecutor,
 )
