@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -63,6 +64,7 @@ class EntityReader:
         # What the next read fetches: per (kind, product), per entity, its events' futures.
         self._wanted: dict[tuple[Kind, str], dict[int, dict[int, asyncio.Future[Any]]]] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._prefetchers = {kind: functools.partial(self.prefetch, kind) for kind in Kind}
         # Observable counters (tests, benchmark): queries made, entities asked for.
         self.queries = 0
         self.requests = 0
@@ -78,6 +80,11 @@ class EntityReader:
         Raises StoreUnavailableError when the database cannot be read."""
         item: Item | None = await self._get(Kind.ITEM, record)
         return item
+
+    def prefetcher(self, kind: Kind) -> Callable[[EventRecord], asyncio.Future[Any]]:
+        """`prefetch` for events of `kind`: the same object every time (a hub asks equal
+        gates once per event for all their subscribers)."""
+        return self._prefetchers[kind]
 
     def prefetch(self, kind: Kind, record: EventRecord) -> asyncio.Future[Any]:
         """Start (or join) the shared read of `record`'s entity now, without waiting:

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -113,11 +113,12 @@ class LocalHub:
     Offering an event queues it for every subscriber of its product at once (so each
     sees events in the order they were offered), but wakes them `WAKE_CHUNK` per turn
     of the event loop, and a subscriber whose gate holds (its event's entity is being
-    read) only once that is done, so that it does not wake twice for one event."""
+    read) only once that is done, so that it does not wake twice for one event.
+    Subscribers are kept by product and gate: equal gates are asked once per event."""
 
     def __init__(self, max_queue: int = 1_000) -> None:
         self.max_queue = max_queue
-        self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
+        self._subscribers: dict[str, dict[Gate | None, set[Subscriber]]] = {}
         self._to_wake: deque[Subscriber] = deque()
         self._waking = False
 
@@ -135,22 +136,24 @@ class LocalHub:
             self._offer(record)
 
     def _offer(self, record: EventRecord) -> None:
-        subscribers = self._subscribers.get(record.product_id)
-        if not subscribers:
+        groups = self._subscribers.get(record.product_id)
+        if not groups:
             return
-        held: dict[asyncio.Future[Any], list[Subscriber]] = {}
         wake = self._to_wake
-        for subscriber in subscribers:
-            if not subscriber.offer(record):
-                continue
-            gate = subscriber.gate
-            ready = gate(record) if gate is not None and not subscriber.overflowed else None
+        for gate, members in groups.items():
+            ready = gate(record) if gate is not None else None
             if ready is None or ready.done():
-                wake.append(subscriber)
-            else:
-                held.setdefault(ready, []).append(subscriber)
-        for ready, waiting in held.items():
-            ready.add_done_callback(functools.partial(self._wake_later, waiting))
+                for subscriber in members:
+                    if subscriber.offer(record):
+                        wake.append(subscriber)
+                continue
+            held: list[Subscriber] = []
+            for subscriber in members:
+                if subscriber.offer(record):
+                    # one that overflowed reads the log: it needs no entity to wake
+                    (wake if subscriber.overflowed else held).append(subscriber)
+            if held:
+                ready.add_done_callback(functools.partial(self._wake_later, held))
         self._wake_soon()
 
     def _wake_later(self, subscribers: list[Subscriber], _: object) -> None:
@@ -174,20 +177,24 @@ class LocalHub:
     @asynccontextmanager
     async def subscribe(self, product_id: str, gate: Gate | None = None
                         ) -> AsyncIterator[Subscriber]:
-        """Register a subscriber of `product_id` for the block (`gate`: see `Gate`)."""
+        """Register a subscriber of `product_id` for the block (`gate`: see `Gate`;
+        subscribers with equal gates share one call of it per event)."""
         subscriber = Subscriber(product_id, self.max_queue, gate)
-        self._subscribers[product_id].add(subscriber)
+        self._subscribers.setdefault(product_id, {}).setdefault(gate, set()).add(subscriber)
         try:
             yield subscriber
         finally:
-            subscribers = self._subscribers.get(product_id)
-            if subscribers is not None:
-                subscribers.discard(subscriber)
-                if not subscribers:
-                    del self._subscribers[product_id]
+            groups = self._subscribers.get(product_id, {})
+            members = groups.get(gate)
+            if members is not None:
+                members.discard(subscriber)
+                if not members:
+                    del groups[gate]
+                    if not groups:
+                        del self._subscribers[product_id]
 
     def subscriber_count(self, product_id: str) -> int:
-        return len(self._subscribers.get(product_id, ()))
+        return sum(len(members) for members in self._subscribers.get(product_id, {}).values())
 
     def delivered(self, product_id: str) -> int | None:
         """The sequence through which this hub delivers `product_id`'s events in order
@@ -196,7 +203,7 @@ class LocalHub:
 
     def subscribed_products(self) -> list[str]:
         """The products that have at least one live subscriber here."""
-        return [product for product, subscribers in self._subscribers.items() if subscribers]
+        return list(self._subscribers)
 
 
 class LogHub(LocalHub):

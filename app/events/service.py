@@ -49,6 +49,19 @@ class EventFilter:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class FilteredGate:
+    """A stream's gate at the hub: `gate` for the events its filter lets through.  Equal
+    for streams with the same gate and filter, so the hub asks it once per event for
+    all of them (`gate` must then be one object: EntityReader.prefetcher)."""
+
+    gate: Gate
+    event_filter: EventFilter
+
+    def __call__(self, record: EventRecord) -> asyncio.Future[Any] | None:
+        return self.gate(record) if self.event_filter.matches(record) else None
+
+
 JOB_STAGE_EVENTS = frozenset({EventType.JOB_CREATED, EventType.JOB_STAGE_CHANGED})
 ITEM_STATUS_EVENTS = frozenset({EventType.ITEM_CREATED, EventType.ITEM_STATUS_CHANGED})
 
@@ -106,13 +119,10 @@ class EventStreams:
         `on_ready` is called once the stream is registered with the hub and has
         fixed its starting point: from then on no committed event can be missed.
         `gate` (app.events.hub) holds the stream's wake-up for a live event that
-        matches the filter until what it returns is done.
+        matches the filter until what it returns is done (one object for all streams
+        that use it, such as `EntityReader.prefetcher(kind)`).
         """
-        hub_gate: Gate | None = None
-        if gate is not None:
-            def hub_gate(record: EventRecord) -> asyncio.Future[Any] | None:
-                return gate(record) if event_filter.matches(record) else None
-
+        hub_gate = FilteredGate(gate, event_filter) if gate is not None else None
         async with self.hub.subscribe(product_id, hub_gate) as subscriber:
             delivered = self.hub.delivered(product_id)
             start = await self.start_position(product_id, after, delivered=delivered)

@@ -80,7 +80,7 @@ async def _events(
     quota = services.quotas.subscription(info.context.token_key,
                                          services.settings.max_subscriptions_per_token)
     entities, payloads, direct = services.entities, services.deliveries, direct_sender()
-    gate = functools.partial(entities.prefetch, kind) if wants_entity else None
+    gate = entities.prefetcher(kind) if wants_entity else None
     stream = services.streams.stream(principal.product_id, event_filter, after, gate=gate)
     with quota:  # per-token live subscriptions (DESIGN §8)
         async with aclosing(stream):  # leave the hub as soon as the client goes
