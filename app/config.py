@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     # Websockets (app.server): permessage-deflate compresses each frame, at the cost of
     # ~40 KiB of zlib state per connection and a compression per frame and subscriber.
     ws_per_message_deflate: bool = False
+    # Websocket keep-alive: a ping this often, and a peer that does not answer within
+    # as long is dropped (each ping is a frame and a timer per connection).
+    ws_ping_seconds: float = Field(default=20.0, gt=0)
     # The garbage collector of `fleetbridge serve` (app.server.tune_gc): freeze what
     # start-up loaded, and run the youngest generation every this many allocations
     # (0 leaves Python's defaults).

@@ -8,7 +8,8 @@ connection limits (DESIGN §8).  `fleetbridge serve` and the test servers use
   app.http_guard's.
 - An idle keep-alive connection is closed after `FLEET_HTTP_KEEP_ALIVE_SECONDS`.
 - A request head is at most 16 KiB (h11), a websocket message at most
-  `FLEET_MAX_BODY_BYTES`; a websocket peer that stops answering pings is dropped.
+  `FLEET_MAX_BODY_BYTES`; a websocket peer that stops answering pings (one every
+  `FLEET_WS_PING_SECONDS`) for as long is dropped.
 - Websockets use uvicorn's `websockets-sansio` implementation, without
   permessage-deflate unless `FLEET_WS_PER_MESSAGE_DEFLATE` is on: compressing costs a
   zlib compressor and decompressor per connection (~40 KiB) and a compression of every
@@ -35,7 +36,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from app.config import Settings
 
 MAX_HEAD_BYTES = 16 * 1024
-WS_PING_SECONDS = 20.0
 
 
 class TimedH11Protocol(H11Protocol):
@@ -92,8 +92,8 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
         "ws_max_size": settings.max_body_bytes,
         "ws_per_message_deflate": settings.ws_per_message_deflate,
-        "ws_ping_interval": WS_PING_SECONDS,
-        "ws_ping_timeout": WS_PING_SECONDS,
+        "ws_ping_interval": settings.ws_ping_seconds,
+        "ws_ping_timeout": settings.ws_ping_seconds,
     }
 
 
