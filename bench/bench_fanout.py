@@ -26,7 +26,13 @@ Measured per scenario:
   subscriber to after all are live, / S;
 * server CPU per delivery: user+system CPU of the delivering process(es) over the
   mutation and drain phase / events delivered (it includes serving the mutations);
-* mutation latency during fan-out: p50/p99 of the submit round trips.
+* mutation latency during fan-out: p50/p99 of the submit round trips;
+* request latency during fan-out: p50 of `{ __typename }` round trips to the
+  delivering process, ten a second (what the event loop's latency adds to anything).
+
+The subscribers send no websocket pings of their own (browsers and graphql-ws clients
+send none); the server's keep-alive pings are answered.  Server warnings and errors
+and the first subscriber failures are summed up in `notes`.
 
 `--app-dir` serves another checkout of the code (a `git worktree` of an older commit)
 with this same driver, which is how bench/RESULTS.md records before/after; given
@@ -129,6 +135,7 @@ class Result:
     rss_per_subscriber_kib: float | None = None
     server_cpu_per_delivery_ms: float | None = None
     mutation_p50_ms: float | None = None
+    request_p50_ms: float | None = None  # `{ __typename }` on the delivering process
     mutation_p99_ms: float | None = None
     subscribe_seconds: float | None = None
     skipped: str | None = None
@@ -228,12 +235,16 @@ async def _subscribers(
     all_live = asyncio.Event()
     first_seen = [asyncio.Event() for _ in range(count)]
 
+    failures: list[str] = []
+
     async def one(index: int) -> None:
         nonlocal errors, live
         try:
             await subscriber(index)
-        except Exception:
+        except Exception as exc:
             errors += 1
+            if len(failures) < 3:
+                failures.append(repr(exc)[:200])
         finally:
             first_seen[index].set()  # a subscriber that failed does not hold the run up
             if not all_live.is_set():
@@ -244,8 +255,11 @@ async def _subscribers(
     async def subscriber(index: int) -> None:
         nonlocal received, out_of_order, errors, live
         async with connected:
+            # No client-side pings (browsers and graphql-ws clients send none): the
+            # server's own keep-alive (FLEET_WS_PING_SECONDS) is what is measured.
             connection = await connect(ws_url, subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
-                                       open_timeout=120, close_timeout=5, max_queue=None)
+                                       open_timeout=120, close_timeout=5, max_queue=None,
+                                       ping_interval=None)
             await connection.send(json.dumps({"type": "connection_init",
                                               "payload": {"authorization": f"Bearer {token}"}}))
             ack = json.loads(await connection.recv())
@@ -271,6 +285,8 @@ async def _subscribers(
                         continue
                     if kind != "next" or message["payload"].get("errors"):
                         errors += 1
+                        if len(failures) < 3:
+                            failures.append(str(message)[:200])
                         if kind in {"error", "complete"}:
                             return
                         continue
@@ -305,7 +321,7 @@ async def _subscribers(
     ready.put(("probed", None))
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"latencies": latencies, "received": received, "out_of_order": out_of_order,
-            "errors": errors}
+            "errors": errors, "failures": failures}
 
 
 def _b64(cursor: str) -> str:
@@ -462,11 +478,25 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         go.set()
         mutation_ms: list[float] = []
         pending: list[asyncio.Task[float]] = []
+        probe_ms: list[float] = []
+
+        async def probe() -> None:
+            """A request that reads nothing, while the changes are made: what the event
+            loop's latency adds to any request during fan-out."""
+            async with httpx.AsyncClient(base_url=delivering.url, timeout=120) as anonymous:
+                while True:
+                    started = time.perf_counter()
+                    await anonymous.post("/graphql", json={"query": "{ __typename }"})
+                    probe_ms.append((time.perf_counter() - started) * 1000.0)
+                    await asyncio.sleep(0.1)
+
+        probing = asyncio.create_task(probe())
         t0 = loop.time()
         for n in range(scenario.changes):
             await asyncio.sleep(max(0.0, t0 + n / scenario.rate - loop.time()))
             pending.append(asyncio.create_task(submit(n)))
         mutation_ms = list(await asyncio.gather(*pending))
+        probing.cancel()
         outcomes = [await loop.run_in_executor(None, results.get, True, 900) for _ in clients]
         cpu_delivering = proc_cpu_seconds(delivering.pid) - cpu_delivering_before
         cpu_all = sum(proc_cpu_seconds(s.pid) for s in servers) - cpu_before
@@ -479,6 +509,10 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
     result.lost = scenario.subscribers * committed - received
     result.out_of_order = sum(outcome["out_of_order"] for outcome in outcomes)
     result.errors += sum(outcome["errors"] for outcome in outcomes)
+    for outcome in outcomes:
+        for failure in [*outcome.get("failures", []), outcome.get("failure")]:
+            if failure and len(result.notes) < 8:
+                result.notes.append(f"subscriber: {failure}")
     result.delivery_p50_ms = percentile(latencies, 0.50)
     result.delivery_p99_ms = percentile(latencies, 0.99)
     result.delivery_max_ms = percentile(latencies, 1.0)
@@ -487,6 +521,7 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
     if scenario.instances > 1:
         result.notes.append(f"CPU of both instances per delivery "
                             f"{cpu_all * 1000.0 / delivered:.3f} ms")
+    result.request_p50_ms = percentile(probe_ms, 0.50)
     result.mutation_p50_ms = percentile(mutation_ms, 0.50)
     result.mutation_p99_ms = percentile(mutation_ms, 0.99)
 
@@ -513,6 +548,13 @@ def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float,
             finally:
                 for server in servers:
                     server.stop()
+                    problems = [line for line in server.log_path.read_text(
+                        errors="replace").splitlines()
+                        if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+                    if problems:
+                        result.notes.append(f"server {server.log_path.stem}: "
+                                            f"{len(problems)} warning/error lines, last: "
+                                            f"{problems[-1][:300]}")
     return result
 
 
@@ -564,7 +606,7 @@ def run(quick: bool = False, names: list[str] | None = None, app_dir: Path = REP
 
 def print_table(report: dict[str, Any]) -> None:
     header = ("scenario", "code", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
-              "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99")
+              "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99", "req p50")
     print(" | ".join(header))
     for r in report["fanout"]:
         if r["skipped"]:
@@ -574,7 +616,7 @@ def print_table(report: dict[str, Any]) -> None:
             r["scenario"], r["label"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
             r["delivery_p99_ms"], r["lost"], r["out_of_order"], r["errors"],
             r["rss_per_subscriber_kib"], r["server_cpu_per_delivery_ms"],
-            r["mutation_p50_ms"], r["mutation_p99_ms"],
+            r["mutation_p50_ms"], r["mutation_p99_ms"], r.get("request_p50_ms"),
         )))
 
 
