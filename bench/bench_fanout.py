@@ -52,11 +52,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import re
 import resource
 import signal
 import socket
@@ -74,7 +76,6 @@ from typing import Any
 import asyncpg
 import httpx
 from harness import SERVED_ENV
-from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("FLEET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
@@ -222,6 +223,119 @@ class Server:
 # -- subscriber processes ---------------------------------------------------------
 
 
+class LeanWebSocket(asyncio.Protocol):
+    """A minimal websocket client (RFC 6455) for thousands of subscribers on a few
+    cores: the `websockets` library spends ~50 µs of Python per message received, which
+    at 20,000 messages a second took more CPU than the server it was measuring.  This
+    one parses frames itself, unmasked from the server, and hands each text message's
+    bytes to `on_text` with the time it arrived; it answers pings, sends masked frames,
+    offers no extension.  Only what the benchmark needs: no fragmentation (the server
+    sends none)."""
+
+    def __init__(self, on_text: Any) -> None:
+        self.on_text = on_text
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    @classmethod
+    async def connect(cls, url: str, protocol: str, on_text: Any) -> LeanWebSocket:
+        host, _, rest = url.removeprefix("ws://").partition("/")
+        address, _, port = host.partition(":")
+        loop = asyncio.get_running_loop()
+        _, socket = await loop.create_connection(lambda: cls(on_text), address, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert socket.transport is not None
+        socket.transport.write(
+            f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\n\r\n".encode())
+        await socket.opened
+        return socket
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future in (self.opened, self.closed):
+            if not future.done():
+                future.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+        self.closed.exception()  # retrieved: a subscriber may have stopped listening
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buffer = self.buffer
+        buffer += data
+        if not self.opened.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buffer[:end])
+            del buffer[:end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(ConnectionError(head[:200].decode("latin-1")))
+                return
+            self.opened.set_result(None)
+        while len(buffer) >= 2:
+            opcode, length, offset = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, offset = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, offset = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < offset + length:
+                return
+            payload = bytes(buffer[offset:offset + length])
+            del buffer[:offset + length]
+            if opcode == 0x1:
+                self.on_text(payload, now)
+            elif opcode == 0x9:
+                self.send_frame(0xA, payload)  # pong
+            elif opcode == 0x8:
+                self.send_frame(0x8, payload[:2])
+                assert self.transport is not None
+                self.transport.close()
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        size = len(payload)
+        if size < 126:
+            header = bytes([0x80 | opcode, 0x80 | size])
+        elif size < 1 << 16:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.write(header + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(0x1, text.encode())
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.send_frame(0x8, (1000).to_bytes(2, "big"))
+            self.transport.close()
+
+
+@dataclass
+class _Seen:
+    last: int | None = None
+    got: int = 0
+    counting: bool = True
+
+
+NEXT_PREFIX = b'{"id":"1","type":"next","payload":{"data":{"jobStageChanged":{'
+CURSOR_FIELD = re.compile(rb'"cursor":"([^"]+)"')
+AT_FIELD = re.compile(rb'"at":"([^"]+)"')
+
+
 async def _subscribers(
     ws_url: str, token: str, count: int, after: str, expected: int, ready: Any,
     start: Any, drain_seconds: float,
@@ -234,17 +348,21 @@ async def _subscribers(
     live = 0
     all_live = asyncio.Event()
     first_seen = [asyncio.Event() for _ in range(count)]
-
     failures: list[str] = []
+    timing = False  # set when the run starts: the probe event is not timed
+
+    def failed(what: str) -> None:
+        nonlocal errors
+        errors += 1
+        if len(failures) < 3:
+            failures.append(what[:200])
 
     async def one(index: int) -> None:
-        nonlocal errors, live
+        nonlocal live
         try:
             await subscriber(index)
         except Exception as exc:
-            errors += 1
-            if len(failures) < 3:
-                failures.append(repr(exc)[:200])
+            failed(repr(exc))
         finally:
             first_seen[index].set()  # a subscriber that failed does not hold the run up
             if not all_live.is_set():
@@ -253,63 +371,73 @@ async def _subscribers(
                     all_live.set()
 
     async def subscriber(index: int) -> None:
-        nonlocal received, out_of_order, errors, live
+        nonlocal live
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
+        state = _Seen()
+
+        def on_text(raw: bytes, now: float) -> None:
+            nonlocal received, out_of_order
+            if not state.counting:
+                return  # past the deadline: late counts as lost
+            if raw.startswith(NEXT_PREFIX) and b'"errors"' not in raw:
+                cursor, at = CURSOR_FIELD.search(raw), AT_FIELD.search(raw)
+                assert cursor is not None
+                assert at is not None
+                seq = int(_b64(cursor.group(1).decode()).split(":")[1])
+                if state.last is not None and seq != state.last + 1:
+                    out_of_order += 1
+                state.last = seq
+                state.got += 1
+                received += 1
+                if state.got == 1:
+                    first_seen[index].set()
+                elif timing:
+                    when = datetime.fromisoformat(at.group(1).decode()).timestamp()
+                    latencies.append((now - when) * 1000.0)
+                if state.got >= expected and not done.done():
+                    done.set_result(None)
+                return
+            message = json.loads(raw)
+            kind = message.get("type")
+            if kind == "connection_ack" and not acknowledged.done():
+                acknowledged.set_result(None)
+            elif kind == "ping":
+                socket.send_text('{"type":"pong"}')
+            else:
+                failed(str(message))
+                if kind in {"error", "complete"} and not done.done():
+                    done.set_result(None)
+
         async with connected:
-            # No client-side pings (browsers and graphql-ws clients send none): the
-            # server's own keep-alive (FLEET_WS_PING_SECONDS) is what is measured.
-            connection = await connect(ws_url, subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
-                                       open_timeout=120, close_timeout=5, max_queue=None,
-                                       ping_interval=None)
-            await connection.send(json.dumps({"type": "connection_init",
-                                              "payload": {"authorization": f"Bearer {token}"}}))
-            ack = json.loads(await connection.recv())
-            assert ack["type"] == "connection_ack", ack
-            await connection.send(json.dumps({
+            socket = await asyncio.wait_for(
+                LeanWebSocket.connect(ws_url, "graphql-transport-ws", on_text), 120)
+            socket.send_text(json.dumps({"type": "connection_init",
+                                         "payload": {"authorization": f"Bearer {token}"}}))
+            await asyncio.wait_for(acknowledged, 120)
+            socket.send_text(json.dumps({
                 "id": "1", "type": "subscribe",
                 "payload": {"query": SUBSCRIPTION, "variables": {"after": after}},
             }))
         live += 1
         if live >= count:
             all_live.set()
-        last = None
-        got = 0
         try:
-            async with asyncio.timeout(None) as deadline_cm:
-                while got < expected:
-                    raw = await connection.recv()
-                    now = time.time()
-                    message = json.loads(raw)
-                    kind = message.get("type")
-                    if kind == "ping":
-                        await connection.send('{"type":"pong"}')
-                        continue
-                    if kind != "next" or message["payload"].get("errors"):
-                        errors += 1
-                        if len(failures) < 3:
-                            failures.append(str(message)[:200])
-                        if kind in {"error", "complete"}:
-                            return
-                        continue
-                    event = message["payload"]["data"]["jobStageChanged"]
-                    seq = int(_b64(event["cursor"]).split(":")[1])
-                    if last is not None and seq != last + 1:
-                        out_of_order += 1
-                    last = seq
-                    got += 1
-                    received += 1
-                    if got == 1:
-                        first_seen[index].set()
-                        # The probe event is not timed; the deadline starts with the run.
-                        await start.wait()
-                        deadline_cm.reschedule(asyncio.get_running_loop().time()
-                                               + drain_seconds)
-                        continue
-                    at = datetime.fromisoformat(event["at"]).timestamp()
-                    latencies.append((now - at) * 1000.0)
-        except TimeoutError:
-            pass
+            seen: asyncio.Future[Any] = asyncio.ensure_future(first_seen[index].wait())
+            closed: asyncio.Future[Any] = socket.closed
+            await asyncio.wait([seen, closed], return_when=asyncio.FIRST_COMPLETED)
+            seen.cancel()
+            if socket.closed.done():
+                socket.closed.result()  # raises: the connection was lost
+            await start.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), drain_seconds)
+            if socket.closed.done() and not done.done():
+                socket.closed.result()
         finally:
-            await connection.close()
+            state.counting = False
+            socket.close()
 
     tasks = [asyncio.create_task(one(i)) for i in range(count)]
     await all_live.wait()
@@ -319,14 +447,14 @@ async def _subscribers(
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in first_seen)),
                                PROBE_DEADLINE)
     ready.put(("probed", None))
+    await start.wait()
+    timing = True
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"latencies": latencies, "received": received, "out_of_order": out_of_order,
             "errors": errors, "failures": failures}
 
 
 def _b64(cursor: str) -> str:
-    import base64
-
     return base64.urlsafe_b64decode(cursor.encode()).decode()
 
 

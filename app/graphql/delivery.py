@@ -543,8 +543,8 @@ class DirectSender:
         if self.operation is not None and self.operation.completed:
             return
         try:
-            await _send_text(self.websocket, frame)
-        except WebSocketDisconnected as exc:
+            await self.websocket.ws.send_text(frame)
+        except WebSocketDisconnect as exc:
             raise SubscriberGone from exc
 
 

@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, parse
 from graphql.language import FragmentDefinitionNode
+from starlette.websockets import WebSocketDisconnect
 
-from app.graphql.delivery import _DATA, _NEXT, SharedData, SharedResults, event_variables, share_key
+from app.graphql.delivery import (
+    _DATA,
+    _NEXT,
+    DirectSender,
+    SharedData,
+    SharedResults,
+    SubscriberGone,
+    event_variables,
+    share_key,
+)
 
 
 def used(document: str) -> frozenset[str]:
@@ -191,3 +202,16 @@ def test_payloads_are_built_once_per_event_and_entity_read():
     assert shared.payload(("JobStageEvent", "acme", 7), build, "r7", row) is first
     assert shared.payload(("JobStageEvent", "acme", 7), build, "r7", object()) is not first
     assert len(built) == 3
+
+
+async def test_a_frame_to_a_websocket_that_went_away_ends_the_operation_like_a_cancel():
+    class Gone:
+        async def send_text(self, frame: str) -> None:
+            raise WebSocketDisconnect(1006)
+
+    handler = SimpleNamespace(view=CompactView(), websocket=SimpleNamespace(ws=Gone()),
+                              schema=None)
+    sender = DirectSender(handler, "1", _NEXT)
+    with pytest.raises(SubscriberGone):
+        await sender.send('{"id":"1"}')
+    assert not issubclass(SubscriberGone, Exception)  # passes strawberry's error handling
