@@ -43,9 +43,9 @@ so the served processes run with the per-token and per-address limits lifted.  T
 one client process per SUBSCRIBERS_PER_CLIENT subscribers (at least two), and the open-
 files limit is raised to the hard limit (10,000 websockets are 10,000 descriptors in the
 server and across the clients).  `FLEET_BENCH_PROFILE=DIR` writes a cProfile of each
-served process there.  The PostgreSQL server is FLEET_BENCH_PG (default
-postgresql://postgres@127.0.0.1:5432); PostgreSQL scenarios are skipped when it does not
-answer.
+served process there, `FLEET_BENCH_LOGS=DIR` keeps their logs.  The PostgreSQL server
+is FLEET_BENCH_PG (default postgresql://postgres@127.0.0.1:5432); PostgreSQL scenarios
+are skipped when it does not answer.
 """
 
 from __future__ import annotations
@@ -686,6 +686,11 @@ def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float,
             finally:
                 for server in servers:
                     server.stop()
+                    keep = os.environ.get("FLEET_BENCH_LOGS")  # a directory: keep the logs
+                    if keep:
+                        Path(keep, f"{scenario.name}-{label or 'default'}-"
+                                   f"{server.log_path.name}").write_bytes(
+                            server.log_path.read_bytes())
                     problems = [line for line in server.log_path.read_text(
                         errors="replace").splitlines()
                         if " WARNING " in line or " ERROR " in line or "Traceback" in line]
