@@ -103,7 +103,7 @@ def serve(
     from app.main import create_app
     from app.migrate import is_empty, upgrade
     from app.redact import install, mask_url
-    from app.server import server_options
+    from app.server import server_options, tune_gc
 
     settings = _settings()
     _configure_logging(settings.log_level, settings.log_format)
@@ -120,6 +120,7 @@ def serve(
         **server_options(settings),
     )
     install("uvicorn", "uvicorn.error", "uvicorn.access")  # uvicorn set up its handlers
+    tune_gc(settings)  # after start-up's objects exist, before serving
     logging.getLogger("app.cli").info(
         "fleetbridge %s on %s: GraphQL at http://%s:%d/graphql, metrics at /metrics",
         version(), mask_url(settings.database_url), host, port,

@@ -106,6 +106,17 @@ class Settings(BaseSettings):
     max_subscriptions_per_token: int = Field(default=100, ge=1)
     http_read_timeout_seconds: float = Field(default=30.0, gt=0)
     http_keep_alive_seconds: int = Field(default=5, ge=1)
+    # Websockets (app.server): permessage-deflate compresses each frame, at the cost of
+    # ~40 KiB of zlib state per connection and a compression per frame and subscriber.
+    ws_per_message_deflate: bool = False
+    # Websocket keep-alive: a ping this often, and a peer that does not answer within
+    # as long is dropped (each ping is a frame and a timer per connection).
+    ws_ping_seconds: float = Field(default=20.0, gt=0)
+    # The garbage collector of `fleetbridge serve` (app.server.tune_gc): freeze what
+    # start-up loaded, and run the youngest generation every this many allocations
+    # (0 leaves Python's defaults).
+    gc_freeze: bool = True
+    gc_threshold: int = Field(default=50_000, ge=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

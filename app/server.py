@@ -8,12 +8,27 @@ connection limits (DESIGN §8).  `fleetbridge serve` and the test servers use
   app.http_guard's.
 - An idle keep-alive connection is closed after `FLEET_HTTP_KEEP_ALIVE_SECONDS`.
 - A request head is at most 16 KiB (h11), a websocket message at most
-  `FLEET_MAX_BODY_BYTES`; a websocket peer that stops answering pings is dropped.
+  `FLEET_MAX_BODY_BYTES`; a websocket peer that stops answering pings (one every
+  `FLEET_WS_PING_SECONDS`) for as long is dropped.
+- Websockets use uvicorn's `websockets-sansio` implementation, without
+  permessage-deflate unless `FLEET_WS_PER_MESSAGE_DEFLATE` is on: compressing costs a
+  zlib compressor and decompressor per connection (~40 KiB) and a compression of every
+  frame for every subscriber, while event frames are a few hundred bytes.
+
+The garbage collector (`tune_gc`, `fleetbridge serve` only): thousands of live
+subscriptions are hundreds of thousands of long-lived objects, and with Python's
+default thresholds a full collection (scanning all of them, seconds at 10,000
+subscribers) ran every few seconds under fan-out, stalling every delivery and request.
+So what start-up loaded (modules, the schema, settings) is frozen out of collection
+(`FLEET_GC_FREEZE`), and the youngest generation is collected every
+`FLEET_GC_THRESHOLD` allocations rather than 700, the older ones 20 and 100 times less
+often than that: garbage is still found, cycles a little later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -21,7 +36,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from app.config import Settings
 
 MAX_HEAD_BYTES = 16 * 1024
-WS_PING_SECONDS = 20.0
 
 
 class TimedH11Protocol(H11Protocol):
@@ -77,6 +91,20 @@ def server_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": settings.http_keep_alive_seconds,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
         "ws_max_size": settings.max_body_bytes,
-        "ws_ping_interval": WS_PING_SECONDS,
-        "ws_ping_timeout": WS_PING_SECONDS,
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        "ws_ping_interval": settings.ws_ping_seconds,
+        "ws_ping_timeout": settings.ws_ping_seconds,
     }
+
+
+GC_OLDER_RATIOS = (20, 100)
+
+
+def tune_gc(settings: Settings) -> None:
+    """Set up the garbage collector for a long-running server (module docstring).
+    Call once, after the app is built and before it serves."""
+    if settings.gc_threshold:
+        gc.set_threshold(settings.gc_threshold, *GC_OLDER_RATIOS)
+    if settings.gc_freeze:
+        gc.collect()
+        gc.freeze()

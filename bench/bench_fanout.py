@@ -4,7 +4,9 @@
     .venv/bin/python bench/bench_fanout.py --quick         # small sizes, < 2 minutes
     .venv/bin/python bench/bench_fanout.py --json          # one JSON object, printed last
     .venv/bin/python bench/bench_fanout.py --scenario sqlite-1000 --scenario pg-two-1000
-    .venv/bin/python bench/bench_fanout.py --app-dir /path/to/other/checkout   # "before"
+    .venv/bin/python bench/bench_fanout.py --app-dir before=/path/to/old --app-dir after=.
+                                                           # several checkouts, side by side
+    .venv/bin/python bench/bench_fanout.py --server-env FLEET_WS_PER_MESSAGE_DEFLATE=true
 
 Everything is real: `python -m app.cli serve` processes (one, or two on one
 PostgreSQL database), S websocket clients speaking `graphql-transport-ws`, spread
@@ -24,23 +26,40 @@ Measured per scenario:
   subscriber to after all are live, / S;
 * server CPU per delivery: user+system CPU of the delivering process(es) over the
   mutation and drain phase / events delivered (it includes serving the mutations);
-* mutation latency during fan-out: p50/p99 of the submit round trips.
+* mutation latency during fan-out: p50/p99 of the submit round trips;
+* request latency during fan-out: p50 of `{ __typename }` round trips to the
+  delivering process, ten a second (what the event loop's latency adds to anything).
+
+The subscribers send no websocket pings of their own (browsers and graphql-ws clients
+send none); the server's keep-alive pings are answered.  Server warnings and errors
+and the first subscriber failures are summed up in `notes`.
 
 `--app-dir` serves another checkout of the code (a `git worktree` of an older commit)
-with this same driver, which is how bench/RESULTS.md records before/after. The
-PostgreSQL server is FLEET_BENCH_PG (default postgresql://postgres@127.0.0.1:5432);
-PostgreSQL scenarios are skipped when it does not answer.
+with this same driver, which is how bench/RESULTS.md records before/after; given
+several times (`LABEL=DIR`), each scenario runs once per checkout, one right after the
+other, so both sides see the same load on a shared machine.  `--server-env` adds
+environment to the served processes.  Every websocket uses one token from one address,
+so the served processes run with the per-token and per-address limits lifted.  There is
+one client process per SUBSCRIBERS_PER_CLIENT subscribers (at least two), and the open-
+files limit is raised to the hard limit (10,000 websockets are 10,000 descriptors in the
+server and across the clients).  `FLEET_BENCH_PROFILE=DIR` writes a cProfile of each
+served process there, `FLEET_BENCH_LOGS=DIR` keeps their logs.  The PostgreSQL server
+is FLEET_BENCH_PG (default postgresql://postgres@127.0.0.1:5432); PostgreSQL scenarios
+are skipped when it does not answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import multiprocessing as mp
 import os
 import platform
+import re
+import resource
 import signal
 import socket
 import subprocess
@@ -48,6 +67,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -57,12 +77,12 @@ from typing import Any
 import asyncpg
 import httpx
 from harness import SERVED_ENV
-from websockets.asyncio.client import connect
 
 REPO = Path(__file__).resolve().parent.parent
 PG_DSN = os.environ.get("FLEET_BENCH_PG", "postgresql://postgres@127.0.0.1:5432")
 PRODUCT = "bench"
-CLIENT_PROCESSES = 2
+CLIENT_PROCESSES = 2  # at least; one more per SUBSCRIBERS_PER_CLIENT
+SUBSCRIBERS_PER_CLIENT = 2_500
 CONNECT_CONCURRENCY = 64
 PROBE_DEADLINE = 180.0  # seconds for every subscriber to see the untimed first event
 
@@ -106,6 +126,7 @@ class Result:
     changes: int
     rate: float
     instances: int
+    label: str = ""
     delivery_p50_ms: float | None = None
     delivery_p99_ms: float | None = None
     delivery_max_ms: float | None = None
@@ -116,6 +137,7 @@ class Result:
     rss_per_subscriber_kib: float | None = None
     server_cpu_per_delivery_ms: float | None = None
     mutation_p50_ms: float | None = None
+    request_p50_ms: float | None = None  # `{ __typename }` on the delivering process
     mutation_p99_ms: float | None = None
     subscribe_seconds: float | None = None
     skipped: str | None = None
@@ -144,7 +166,8 @@ def proc_rss_kib(pid: int) -> int:
 
 
 class Server:
-    def __init__(self, app_dir: Path, database_url: str, log_dir: Path, name: str) -> None:
+    def __init__(self, app_dir: Path, database_url: str, log_dir: Path, name: str,
+                 extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ws_url = f"ws://127.0.0.1:{self.port}/graphql"
@@ -155,6 +178,13 @@ class Server:
             "PYTHONPATH": str(app_dir),
             **SERVED_ENV,
             "FLEET_MAX_SUBSCRIPTIONS_PER_CONNECTION": "20",
+            # One token and one address open every websocket: the per-token and per-address
+            # limits (DESIGN §8) would refuse all but the first few.
+            "FLEET_MAX_WEBSOCKETS_PER_TOKEN": "1000000",
+            "FLEET_MAX_SUBSCRIPTIONS_PER_TOKEN": "1000000",
+            "FLEET_RATE_LIMIT_PER_IP": "",
+            "FLEET_RATE_LIMIT_PER_TOKEN": "",
+            **extra_env,
         }
         with self.log_path.open("wb") as log:
             profile = os.environ.get("FLEET_BENCH_PROFILE")  # a directory: cProfile the servers
@@ -194,6 +224,128 @@ class Server:
 # -- subscriber processes ---------------------------------------------------------
 
 
+class LeanWebSocket(asyncio.Protocol):
+    """A minimal websocket client (RFC 6455) for thousands of subscribers on a few
+    cores: the `websockets` library spends ~50 µs of Python per message received, which
+    at 20,000 messages a second took more CPU than the server it was measuring.  This
+    one parses frames itself, unmasked from the server, and hands each text message's
+    bytes to `on_text` with the time it arrived; it answers pings and sends masked,
+    uncompressed frames.  Like a browser it offers permessage-deflate (RFC 7692) and
+    inflates what the server compressed when the server accepts.  Only what the
+    benchmark needs: no fragmentation (the server sends none)."""
+
+    def __init__(self, on_text: Any) -> None:
+        self.on_text = on_text
+        self.inflate: Any = None  # a zlib decompressor once deflate is negotiated
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        loop = asyncio.get_running_loop()
+        self.opened: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    @classmethod
+    async def connect(cls, url: str, protocol: str, on_text: Any) -> LeanWebSocket:
+        host, _, rest = url.removeprefix("ws://").partition("/")
+        address, _, port = host.partition(":")
+        loop = asyncio.get_running_loop()
+        _, socket = await loop.create_connection(lambda: cls(on_text), address, int(port))
+        key = base64.b64encode(os.urandom(16)).decode()
+        assert socket.transport is not None
+        socket.transport.write(
+            f"GET /{rest} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            f"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocol}\r\n"
+            "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+            "\r\n".encode())
+        await socket.opened
+        return socket
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for future in (self.opened, self.closed):
+            if not future.done():
+                future.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+        self.closed.exception()  # retrieved: a subscriber may have stopped listening
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buffer = self.buffer
+        buffer += data
+        if not self.opened.done():
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = bytes(buffer[:end])
+            del buffer[:end + 4]
+            if not head.startswith(b"HTTP/1.1 101"):
+                self.opened.set_exception(ConnectionError(head[:200].decode("latin-1")))
+                return
+            if b"permessage-deflate" in head.lower():
+                self.inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+            self.opened.set_result(None)
+        while len(buffer) >= 2:
+            opcode, length, offset = buffer[0] & 0x0F, buffer[1] & 0x7F, 2
+            if length == 126:
+                if len(buffer) < 4:
+                    return
+                length, offset = int.from_bytes(buffer[2:4], "big"), 4
+            elif length == 127:
+                if len(buffer) < 10:
+                    return
+                length, offset = int.from_bytes(buffer[2:10], "big"), 10
+            if len(buffer) < offset + length:
+                return
+            payload = bytes(buffer[offset:offset + length])
+            compressed = buffer[0] & 0x40
+            del buffer[:offset + length]
+            if opcode == 0x1:
+                if compressed:  # RSV1: a deflated message (context kept across messages)
+                    payload = self.inflate.decompress(payload + b"\x00\x00\xff\xff")
+                self.on_text(payload, now)
+            elif opcode == 0x9:
+                self.send_frame(0xA, payload)  # pong
+            elif opcode == 0x8:
+                self.send_frame(0x8, payload[:2])
+                assert self.transport is not None
+                self.transport.close()
+
+    def send_frame(self, opcode: int, payload: bytes) -> None:
+        mask = os.urandom(4)
+        size = len(payload)
+        if size < 126:
+            header = bytes([0x80 | opcode, 0x80 | size])
+        elif size < 1 << 16:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        assert self.transport is not None
+        if not self.transport.is_closing():
+            self.transport.write(header + mask + masked)
+
+    def send_text(self, text: str) -> None:
+        self.send_frame(0x1, text.encode())
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.send_frame(0x8, (1000).to_bytes(2, "big"))
+            self.transport.close()
+
+
+@dataclass
+class _Seen:
+    last: int | None = None
+    got: int = 0
+    counting: bool = True
+
+
+NEXT_PREFIX = b'{"id":"1","type":"next","payload":{"data":{"jobStageChanged":{'
+CURSOR_FIELD = re.compile(rb'"cursor":"([^"]+)"')
+AT_FIELD = re.compile(rb'"at":"([^"]+)"')
+
+
 async def _subscribers(
     ws_url: str, token: str, count: int, after: str, expected: int, ready: Any,
     start: Any, drain_seconds: float,
@@ -206,13 +358,21 @@ async def _subscribers(
     live = 0
     all_live = asyncio.Event()
     first_seen = [asyncio.Event() for _ in range(count)]
+    failures: list[str] = []
+    timing = False  # set when the run starts: the probe event is not timed
+
+    def failed(what: str) -> None:
+        nonlocal errors
+        errors += 1
+        if len(failures) < 3:
+            failures.append(what[:200])
 
     async def one(index: int) -> None:
-        nonlocal errors, live
+        nonlocal live
         try:
             await subscriber(index)
-        except Exception:
-            errors += 1
+        except Exception as exc:
+            failed(repr(exc))
         finally:
             first_seen[index].set()  # a subscriber that failed does not hold the run up
             if not all_live.is_set():
@@ -221,58 +381,73 @@ async def _subscribers(
                     all_live.set()
 
     async def subscriber(index: int) -> None:
-        nonlocal received, out_of_order, errors, live
+        nonlocal live
+        loop = asyncio.get_running_loop()
+        acknowledged: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[None] = loop.create_future()
+        state = _Seen()
+
+        def on_text(raw: bytes, now: float) -> None:
+            nonlocal received, out_of_order
+            if not state.counting:
+                return  # past the deadline: late counts as lost
+            if raw.startswith(NEXT_PREFIX) and b'"errors"' not in raw:
+                cursor, at = CURSOR_FIELD.search(raw), AT_FIELD.search(raw)
+                assert cursor is not None
+                assert at is not None
+                seq = int(_b64(cursor.group(1).decode()).split(":")[1])
+                if state.last is not None and seq != state.last + 1:
+                    out_of_order += 1
+                state.last = seq
+                state.got += 1
+                received += 1
+                if state.got == 1:
+                    first_seen[index].set()
+                elif timing:
+                    when = datetime.fromisoformat(at.group(1).decode()).timestamp()
+                    latencies.append((now - when) * 1000.0)
+                if state.got >= expected and not done.done():
+                    done.set_result(None)
+                return
+            message = json.loads(raw)
+            kind = message.get("type")
+            if kind == "connection_ack" and not acknowledged.done():
+                acknowledged.set_result(None)
+            elif kind == "ping":
+                socket.send_text('{"type":"pong"}')
+            else:
+                failed(str(message))
+                if kind in {"error", "complete"} and not done.done():
+                    done.set_result(None)
+
         async with connected:
-            connection = await connect(ws_url, subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
-                                       open_timeout=120, close_timeout=5, max_queue=None)
-            await connection.send(json.dumps({"type": "connection_init",
-                                              "payload": {"authorization": f"Bearer {token}"}}))
-            ack = json.loads(await connection.recv())
-            assert ack["type"] == "connection_ack", ack
-            await connection.send(json.dumps({
+            socket = await asyncio.wait_for(
+                LeanWebSocket.connect(ws_url, "graphql-transport-ws", on_text), 120)
+            socket.send_text(json.dumps({"type": "connection_init",
+                                         "payload": {"authorization": f"Bearer {token}"}}))
+            await asyncio.wait_for(acknowledged, 120)
+            socket.send_text(json.dumps({
                 "id": "1", "type": "subscribe",
                 "payload": {"query": SUBSCRIPTION, "variables": {"after": after}},
             }))
         live += 1
         if live >= count:
             all_live.set()
-        last = None
-        got = 0
         try:
-            async with asyncio.timeout(None) as deadline_cm:
-                while got < expected:
-                    raw = await connection.recv()
-                    now = time.time()
-                    message = json.loads(raw)
-                    kind = message.get("type")
-                    if kind == "ping":
-                        await connection.send('{"type":"pong"}')
-                        continue
-                    if kind != "next" or message["payload"].get("errors"):
-                        errors += 1
-                        if kind in {"error", "complete"}:
-                            return
-                        continue
-                    event = message["payload"]["data"]["jobStageChanged"]
-                    seq = int(_b64(event["cursor"]).split(":")[1])
-                    if last is not None and seq != last + 1:
-                        out_of_order += 1
-                    last = seq
-                    got += 1
-                    received += 1
-                    if got == 1:
-                        first_seen[index].set()
-                        # The probe event is not timed; the deadline starts with the run.
-                        await start.wait()
-                        deadline_cm.reschedule(asyncio.get_running_loop().time()
-                                               + drain_seconds)
-                        continue
-                    at = datetime.fromisoformat(event["at"]).timestamp()
-                    latencies.append((now - at) * 1000.0)
-        except TimeoutError:
-            pass
+            seen: asyncio.Future[Any] = asyncio.ensure_future(first_seen[index].wait())
+            closed: asyncio.Future[Any] = socket.closed
+            await asyncio.wait([seen, closed], return_when=asyncio.FIRST_COMPLETED)
+            seen.cancel()
+            if socket.closed.done():
+                socket.closed.result()  # raises: the connection was lost
+            await start.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), drain_seconds)
+            if socket.closed.done() and not done.done():
+                socket.closed.result()
         finally:
-            await connection.close()
+            state.counting = False
+            socket.close()
 
     tasks = [asyncio.create_task(one(i)) for i in range(count)]
     await all_live.wait()
@@ -282,14 +457,14 @@ async def _subscribers(
         await asyncio.wait_for(asyncio.gather(*(event.wait() for event in first_seen)),
                                PROBE_DEADLINE)
     ready.put(("probed", None))
+    await start.wait()
+    timing = True
     await asyncio.gather(*tasks, return_exceptions=True)
     return {"latencies": latencies, "received": received, "out_of_order": out_of_order,
-            "errors": errors}
+            "errors": errors, "failures": failures}
 
 
 def _b64(cursor: str) -> str:
-    import base64
-
     return base64.urlsafe_b64decode(cursor.encode()).decode()
 
 
@@ -395,7 +570,8 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         rss_before = proc_rss_kib(delivering.pid)
         ctx = mp.get_context("spawn")
         ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
-        processes = min(CLIENT_PROCESSES, scenario.subscribers)
+        processes = min(max(CLIENT_PROCESSES, -(-scenario.subscribers // SUBSCRIBERS_PER_CLIENT)),
+                        scenario.subscribers)
         shares = [scenario.subscribers // processes + (i < scenario.subscribers % processes)
                   for i in range(processes)]
         expected = scenario.changes + 1
@@ -440,11 +616,25 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         go.set()
         mutation_ms: list[float] = []
         pending: list[asyncio.Task[float]] = []
+        probe_ms: list[float] = []
+
+        async def probe() -> None:
+            """A request that reads nothing, while the changes are made: what the event
+            loop's latency adds to any request during fan-out."""
+            async with httpx.AsyncClient(base_url=delivering.url, timeout=120) as anonymous:
+                while True:
+                    started = time.perf_counter()
+                    await anonymous.post("/graphql", json={"query": "{ __typename }"})
+                    probe_ms.append((time.perf_counter() - started) * 1000.0)
+                    await asyncio.sleep(0.1)
+
+        probing = asyncio.create_task(probe())
         t0 = loop.time()
         for n in range(scenario.changes):
             await asyncio.sleep(max(0.0, t0 + n / scenario.rate - loop.time()))
             pending.append(asyncio.create_task(submit(n)))
         mutation_ms = list(await asyncio.gather(*pending))
+        probing.cancel()
         outcomes = [await loop.run_in_executor(None, results.get, True, 900) for _ in clients]
         cpu_delivering = proc_cpu_seconds(delivering.pid) - cpu_delivering_before
         cpu_all = sum(proc_cpu_seconds(s.pid) for s in servers) - cpu_before
@@ -457,6 +647,10 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
     result.lost = scenario.subscribers * committed - received
     result.out_of_order = sum(outcome["out_of_order"] for outcome in outcomes)
     result.errors += sum(outcome["errors"] for outcome in outcomes)
+    for outcome in outcomes:
+        for failure in [*outcome.get("failures", []), outcome.get("failure")]:
+            if failure and len(result.notes) < 8:
+                result.notes.append(f"subscriber: {failure}")
     result.delivery_p50_ms = percentile(latencies, 0.50)
     result.delivery_p99_ms = percentile(latencies, 0.99)
     result.delivery_max_ms = percentile(latencies, 1.0)
@@ -465,13 +659,15 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
     if scenario.instances > 1:
         result.notes.append(f"CPU of both instances per delivery "
                             f"{cpu_all * 1000.0 / delivered:.3f} ms")
+    result.request_p50_ms = percentile(probe_ms, 0.50)
     result.mutation_p50_ms = percentile(mutation_ms, 0.50)
     result.mutation_p99_ms = percentile(mutation_ms, 0.99)
 
 
-def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Result:
+def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float,
+                 label: str = "", extra_env: dict[str, str] | None = None) -> Result:
     result = Result(scenario.name, scenario.store, scenario.subscribers, scenario.changes,
-                    scenario.rate, scenario.instances)
+                    scenario.rate, scenario.instances, label=label or str(app_dir))
     if scenario.store == "postgres" and not pg_answers():
         result.skipped = f"PostgreSQL does not answer at {PG_DSN}"
         return result
@@ -479,7 +675,7 @@ def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Res
         tmp = Path(tmp_name)
         with fresh_database(scenario.store, tmp) as database_url:
             token = prepare(app_dir, database_url)
-            servers = [Server(app_dir, database_url, tmp, name)
+            servers = [Server(app_dir, database_url, tmp, name, extra_env or {})
                        for name in "AB"[: scenario.instances]]
             try:
                 async def main() -> None:
@@ -490,6 +686,18 @@ def run_scenario(scenario: Scenario, app_dir: Path, drain_seconds: float) -> Res
             finally:
                 for server in servers:
                     server.stop()
+                    keep = os.environ.get("FLEET_BENCH_LOGS")  # a directory: keep the logs
+                    if keep:
+                        Path(keep, f"{scenario.name}-{label or 'default'}-"
+                                   f"{server.log_path.name}").write_bytes(
+                            server.log_path.read_bytes())
+                    problems = [line for line in server.log_path.read_text(
+                        errors="replace").splitlines()
+                        if " WARNING " in line or " ERROR " in line or "Traceback" in line]
+                    if problems:
+                        result.notes.append(f"server {server.log_path.stem}: "
+                                            f"{len(problems)} warning/error lines, last: "
+                                            f"{problems[-1][:300]}")
     return result
 
 
@@ -503,36 +711,55 @@ def machine() -> dict[str, Any]:
     }
 
 
+def raise_open_files_limit() -> None:
+    """10,000 websockets need 10,000 descriptors in the server and in the clients
+    (which inherit this process's limit): raise the soft limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(quick: bool = False, names: list[str] | None = None, app_dir: Path = REPO,
-        drain_seconds: float = 60.0) -> dict[str, Any]:
-    """Run the scenarios; returns {"machine": …, "fanout": [result, …]} (for bench/run.py)."""
+        drain_seconds: float = 60.0, *, app_dirs: list[tuple[str, Path]] | None = None,
+        extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the scenarios; returns {"machine": …, "fanout": [result, …]} (for bench/run.py).
+
+    `app_dirs` ([(label, checkout)]) serves several checkouts side by side: each
+    scenario runs once per checkout, one after the other, before the next scenario."""
+    raise_open_files_limit()
     chosen = QUICK if quick else SCENARIOS
     if names:
         chosen = [s for s in SCENARIOS + QUICK if s.name in names]
+    checkouts = app_dirs or [("", app_dir)]
     results = []
     for scenario in chosen:
-        print(f"fan-out {scenario.name}: S={scenario.subscribers} M={scenario.changes} "
-              f"at {scenario.rate}/s, {scenario.instances} instance(s)…", file=sys.stderr,
-              flush=True)
-        result = run_scenario(scenario, app_dir, drain_seconds)
-        print("  " + json.dumps(asdict(result)), file=sys.stderr, flush=True)
-        results.append(asdict(result))
-    return {"machine": machine(), "app_dir": str(app_dir), "fanout": results}
+        for label, directory in checkouts:
+            print(f"fan-out {scenario.name}{f' [{label}]' if label else ''}: "
+                  f"S={scenario.subscribers} M={scenario.changes} "
+                  f"at {scenario.rate}/s, {scenario.instances} instance(s)…", file=sys.stderr,
+                  flush=True)
+            result = run_scenario(scenario, directory, drain_seconds, label, extra_env)
+            print("  " + json.dumps(asdict(result)), file=sys.stderr, flush=True)
+            results.append(asdict(result))
+    return {"machine": machine(), "app_dir": str(checkouts[0][1]),
+            "app_dirs": {label or "default": str(path) for label, path in checkouts},
+            "fanout": results}
 
 
 def print_table(report: dict[str, Any]) -> None:
-    header = ("scenario", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
-              "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99")
+    header = ("scenario", "code", "S", "M", "p50 ms", "p99 ms", "lost", "order", "err",
+              "RSS KiB/sub", "CPU ms/deliv", "mut p50", "mut p99", "req p50")
     print(" | ".join(header))
     for r in report["fanout"]:
         if r["skipped"]:
             print(f"{r['scenario']} | skipped: {r['skipped']}")
             continue
         print(" | ".join(str(x) for x in (
-            r["scenario"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
+            r["scenario"], r["label"], r["subscribers"], r["changes"], r["delivery_p50_ms"],
             r["delivery_p99_ms"], r["lost"], r["out_of_order"], r["errors"],
             r["rss_per_subscriber_kib"], r["server_cpu_per_delivery_ms"],
-            r["mutation_p50_ms"], r["mutation_p99_ms"],
+            r["mutation_p50_ms"], r["mutation_p99_ms"], r.get("request_p50_ms"),
         )))
 
 
@@ -541,10 +768,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
     parser.add_argument("--scenario", action="append", dest="names")
-    parser.add_argument("--app-dir", type=Path, default=REPO)
+    parser.add_argument("--app-dir", action="append", default=[], metavar="[LABEL=]DIR",
+                        help="checkout to serve (repeat to run several side by side; "
+                        "default: this one)")
     parser.add_argument("--drain-seconds", type=float, default=60.0)
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra environment for the served processes (repeatable)")
     args = parser.parse_args()
-    report = run(args.quick, args.names, args.app_dir.resolve(), args.drain_seconds)
+    app_dirs = []
+    for spec in args.app_dir or [str(REPO)]:
+        label, _, directory = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path = Path(directory).resolve()
+        app_dirs.append((label or path.name, path))
+    extra_env = dict(spec.split("=", 1) for spec in args.server_env)
+    report = run(args.quick, args.names, app_dirs[0][1], args.drain_seconds,
+                 app_dirs=app_dirs, extra_env=extra_env)
     print_table(report)
     if args.json:
         print(json.dumps(report))

@@ -91,6 +91,9 @@ class TokenGuard:
         self._cache_epoch: object | None = None
         self._generation = 0  # bumped by every revoke; a read begun before it is not cached
         self._sockets: dict[int, set[WebSocket]] = {}
+        # The tokens each open connection is tracked under, by id() of its ASGI scope
+        # (alive as long as the connection): forgetting one is O(1), not a scan of all.
+        self._tokens_of: dict[int, tuple[WebSocket, set[int]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._used: dict[int, datetime] = {}  # waiting to be written
         self._written: dict[int, float] = {}  # monotonic time of the last write per token
@@ -187,13 +190,20 @@ class TokenGuard:
 
     def track(self, websocket: WebSocket, principal: Principal) -> None:
         self._sockets.setdefault(principal.token_id, set()).add(websocket)
+        entry = self._tokens_of.get(id(websocket.scope))
+        if entry is None or entry[0] is not websocket:
+            entry = self._tokens_of[id(websocket.scope)] = (websocket, set())
+        entry[1].add(principal.token_id)
 
     def forget(self, scope: Scope) -> None:
         """The websocket connection of this ASGI `scope` has ended."""
-        for token_id, sockets in list(self._sockets.items()):
-            sockets.difference_update([ws for ws in sockets if ws.scope is scope])
-            if not sockets:
-                del self._sockets[token_id]
+        websocket, tokens = self._tokens_of.pop(id(scope), (None, set()))
+        for token_id in tokens:
+            sockets = self._sockets.get(token_id)
+            if sockets is not None:
+                sockets.discard(websocket)
+                if not sockets:
+                    del self._sockets[token_id]
 
     def open_sockets(self, token_id: int) -> int:
         return len(self._sockets.get(token_id, ()))

@@ -6,7 +6,9 @@ event, one shared read of its entity: the first subscriber to ask starts it, eve
 other subscriber of that event awaits the same result, and the reads asked for in the
 same turn of the event loop go to the database together, one query per product and
 kind.  A subscription that did not select the entity never asks (see
-app.graphql.subscriptions), so an event nobody wants the entity of costs no read.
+app.graphql.subscriptions), so an event nobody wants the entity of costs no read.  A
+subscription that did has the hub start the read as it offers the event
+(`prefetch`), and is woken once the entity is there.
 
 Reads go through the small event-read pool (never the pool that mutations use).  A
 read that fails because the database is unavailable is dropped from the cache, so the
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -61,6 +64,7 @@ class EntityReader:
         # What the next read fetches: per (kind, product), per entity, its events' futures.
         self._wanted: dict[tuple[Kind, str], dict[int, dict[int, asyncio.Future[Any]]]] = {}
         self._flush: asyncio.Task[None] | None = None
+        self._prefetchers = {kind: functools.partial(self.prefetch, kind) for kind in Kind}
         # Observable counters (tests, benchmark): queries made, entities asked for.
         self.queries = 0
         self.requests = 0
@@ -77,8 +81,15 @@ class EntityReader:
         item: Item | None = await self._get(Kind.ITEM, record)
         return item
 
-    async def _get(self, kind: Kind, record: EventRecord) -> Any:
-        self.requests += 1
+    def prefetcher(self, kind: Kind) -> Callable[[EventRecord], asyncio.Future[Any]]:
+        """`prefetch` for events of `kind`: the same object every time (a hub asks equal
+        gates once per event for all their subscribers)."""
+        return self._prefetchers[kind]
+
+    def prefetch(self, kind: Kind, record: EventRecord) -> asyncio.Future[Any]:
+        """Start (or join) the shared read of `record`'s entity now, without waiting:
+        the future its result will be in.  The hub calls it as it offers an event, so
+        that a subscriber wakes once the entity is there (app.events.hub, `Gate`)."""
         key = (kind, record.product_id, record.seq)
         future = self._cache.get(key)
         if future is None:
@@ -90,6 +101,21 @@ class EntityReader:
             wanted.setdefault(record.entity_id, {})[record.seq] = future
             if self._flush is None:
                 self._flush = asyncio.create_task(self._read_wanted(), name="event-entities")
+        return future
+
+    def peek(self, kind: Kind, record: EventRecord) -> asyncio.Future[Any] | None:
+        """The shared read of `record`'s entity if one was started; None otherwise."""
+        return self._cache.get((kind, record.product_id, record.seq))
+
+    async def read(self, kind: Kind, record: EventRecord) -> Any:
+        """The entity of `record` (`job()` or `item()` by kind)."""
+        return await self._get(kind, record)
+
+    async def _get(self, kind: Kind, record: EventRecord) -> Any:
+        self.requests += 1
+        future = self.prefetch(kind, record)
+        if future.done():  # read already (the usual case: the hub asked before waking)
+            return future.result()
         # Shielded: a subscriber that goes away must not cancel the others' read.
         return await asyncio.shield(future)
 

@@ -28,9 +28,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from sqlalchemy import select
 
@@ -46,48 +47,80 @@ logger = logging.getLogger(__name__)
 CATCH_UP_BATCH = 500
 
 
+# A gate holds a subscriber's wake-up for an event until something it will need for
+# it is ready (the event's entity being read, app.events.entities): (record) → a
+# future to wait for, or None.
+Gate = Callable[[EventRecord], "asyncio.Future[Any] | None"]
+
+# Subscribers woken per turn of the event loop: a request's next step waits for at
+# most this many deliveries, not for the whole fan-out of an event.
+WAKE_CHUNK = 32
+
+
 class Subscriber:
-    def __init__(self, product_id: str, max_queue: int) -> None:
+    """One stream's place at the hub: its queue of live events and its wake-up."""
+
+    __slots__ = ("_queue", "_waiter", "gate", "max_queue", "overflowed", "product_id")
+
+    def __init__(self, product_id: str, max_queue: int, gate: Gate | None = None) -> None:
         self.product_id = product_id
-        self._queue: asyncio.Queue[EventRecord] = asyncio.Queue(maxsize=max_queue)
-        self._wakeup = asyncio.Event()
+        self.max_queue = max_queue
+        self.gate = gate
+        self._queue: deque[EventRecord] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
 
-    def offer(self, record: EventRecord) -> None:
+    def offer(self, record: EventRecord) -> bool:
+        """Queue `record`; True when the subscriber should be woken for it.  A full
+        queue is dropped and the subscriber flagged `overflowed` (it reads the log)."""
         if self.overflowed:
-            return
-        try:
-            self._queue.put_nowait(record)
-        except asyncio.QueueFull:
+            return False
+        if len(self._queue) >= self.max_queue:
             self.overflowed = True
-            self._drain()
-        self._wakeup.set()
+            self._queue.clear()
+        else:
+            self._queue.append(record)
+        return True
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def queued(self) -> int:
+        return len(self._queue)
 
     async def next_batch(self) -> list[EventRecord]:
         """Wait for news; return what is queued (empty when the queue overflowed)."""
-        while self._queue.empty() and not self.overflowed:
-            self._wakeup.clear()
-            await self._wakeup.wait()
-        batch: list[EventRecord] = []
-        while not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+        while not self._queue and not self.overflowed:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        batch = list(self._queue)
+        self._queue.clear()
         return batch
 
     def recover(self) -> None:
         """Called by the stream after it caught up from the log."""
         self.overflowed = False
 
-    def _drain(self) -> None:
-        while not self._queue.empty():
-            self._queue.get_nowait()
-
 
 class LocalHub:
-    """In-process fan-out, per product."""
+    """In-process fan-out, per product.
+
+    Offering an event queues it for every subscriber of its product at once (so each
+    sees events in the order they were offered), but wakes them `WAKE_CHUNK` per turn
+    of the event loop, and a subscriber whose gate holds (its event's entity is being
+    read) only once that is done, so that it does not wake twice for one event.
+    Subscribers are kept by product and gate: equal gates are asked once per event."""
 
     def __init__(self, max_queue: int = 1_000) -> None:
         self.max_queue = max_queue
-        self._subscribers: dict[str, set[Subscriber]] = defaultdict(set)
+        self._subscribers: dict[str, dict[Gate | None, set[Subscriber]]] = {}
+        self._to_wake: deque[Subscriber] = deque()
+        self._waking = False
 
     async def start(self) -> None:
         return None
@@ -103,24 +136,65 @@ class LocalHub:
             self._offer(record)
 
     def _offer(self, record: EventRecord) -> None:
-        for subscriber in tuple(self._subscribers.get(record.product_id, ())):
-            subscriber.offer(record)
+        groups = self._subscribers.get(record.product_id)
+        if not groups:
+            return
+        wake = self._to_wake
+        for gate, members in groups.items():
+            ready = gate(record) if gate is not None else None
+            if ready is None or ready.done():
+                for subscriber in members:
+                    if subscriber.offer(record):
+                        wake.append(subscriber)
+                continue
+            held: list[Subscriber] = []
+            for subscriber in members:
+                if subscriber.offer(record):
+                    # one that overflowed reads the log: it needs no entity to wake
+                    (wake if subscriber.overflowed else held).append(subscriber)
+            if held:
+                ready.add_done_callback(functools.partial(self._wake_later, held))
+        self._wake_soon()
+
+    def _wake_later(self, subscribers: list[Subscriber], _: object) -> None:
+        self._to_wake.extend(subscribers)
+        self._wake_soon()
+
+    def _wake_soon(self) -> None:
+        if self._to_wake and not self._waking:
+            self._waking = True
+            asyncio.get_running_loop().call_soon(self._wake_some)
+
+    def _wake_some(self) -> None:
+        wake = self._to_wake
+        for _ in range(min(WAKE_CHUNK, len(wake))):
+            wake.popleft().wake()
+        if wake:
+            asyncio.get_running_loop().call_soon(self._wake_some)
+        else:
+            self._waking = False
 
     @asynccontextmanager
-    async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
-        subscriber = Subscriber(product_id, self.max_queue)
-        self._subscribers[product_id].add(subscriber)
+    async def subscribe(self, product_id: str, gate: Gate | None = None
+                        ) -> AsyncIterator[Subscriber]:
+        """Register a subscriber of `product_id` for the block (`gate`: see `Gate`;
+        subscribers with equal gates share one call of it per event)."""
+        subscriber = Subscriber(product_id, self.max_queue, gate)
+        self._subscribers.setdefault(product_id, {}).setdefault(gate, set()).add(subscriber)
         try:
             yield subscriber
         finally:
-            subscribers = self._subscribers.get(product_id)
-            if subscribers is not None:
-                subscribers.discard(subscriber)
-                if not subscribers:
-                    del self._subscribers[product_id]
+            groups = self._subscribers.get(product_id, {})
+            members = groups.get(gate)
+            if members is not None:
+                members.discard(subscriber)
+                if not members:
+                    del groups[gate]
+                    if not groups:
+                        del self._subscribers[product_id]
 
     def subscriber_count(self, product_id: str) -> int:
-        return len(self._subscribers.get(product_id, ()))
+        return sum(len(members) for members in self._subscribers.get(product_id, {}).values())
 
     def delivered(self, product_id: str) -> int | None:
         """The sequence through which this hub delivers `product_id`'s events in order
@@ -129,7 +203,7 @@ class LocalHub:
 
     def subscribed_products(self) -> list[str]:
         """The products that have at least one live subscriber here."""
-        return [product for product, subscribers in self._subscribers.items() if subscribers]
+        return list(self._subscribers)
 
 
 class LogHub(LocalHub):
@@ -202,7 +276,8 @@ class LogHub(LocalHub):
         return self._delivered.get(product_id)
 
     @asynccontextmanager
-    async def subscribe(self, product_id: str) -> AsyncIterator[Subscriber]:
+    async def subscribe(self, product_id: str, gate: Gate | None = None
+                        ) -> AsyncIterator[Subscriber]:
         if product_id not in self._delivered:
             # The first subscribers of a product share one read of the log's head.
             opening = self._opening.get(product_id)
@@ -218,7 +293,7 @@ class LogHub(LocalHub):
                 # What was published while the head was read went to nobody: read again.
                 self._request_catch_up([product_id])
         try:
-            async with super().subscribe(product_id) as subscriber:
+            async with super().subscribe(product_id, gate) as subscriber:
                 yield subscriber
         finally:
             if self.subscriber_count(product_id) == 0:

@@ -18,14 +18,16 @@ never the pool that mutations use; a live stream holds no connection between rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection
 from dataclasses import dataclass
+from typing import Any
 
 from app.errors import BadUserInputError
 from app.events import repository
-from app.events.hub import LocalHub, Subscriber
+from app.events.hub import Gate, LocalHub
 from app.events.models import EventType
 from app.events.outbox import EventRecord, decode_event_cursor
 from app.events.retry import with_retry
@@ -45,6 +47,19 @@ class EventFilter:
         return record.type in self.types and (
             self.entity_id is None or record.entity_id == self.entity_id
         )
+
+
+@dataclass(frozen=True, slots=True)
+class FilteredGate:
+    """A stream's gate at the hub: `gate` for the events its filter lets through.  Equal
+    for streams with the same gate and filter, so the hub asks it once per event for
+    all of them (`gate` must then be one object: EntityReader.prefetcher)."""
+
+    gate: Gate
+    event_filter: EventFilter
+
+    def __call__(self, record: EventRecord) -> asyncio.Future[Any] | None:
+        return self.gate(record) if self.event_filter.matches(record) else None
 
 
 JOB_STAGE_EVENTS = frozenset({EventType.JOB_CREATED, EventType.JOB_STAGE_CHANGED})
@@ -97,50 +112,50 @@ class EventStreams:
 
     async def stream(
         self, product_id: str, event_filter: EventFilter, after: str | None = None,
-        on_ready: Callable[[], None] | None = None,
+        on_ready: Callable[[], None] | None = None, gate: Gate | None = None,
     ) -> AsyncGenerator[EventRecord, None]:
         """The product's events after `after` (or from now) that match the filter.
 
         `on_ready` is called once the stream is registered with the hub and has
         fixed its starting point: from then on no committed event can be missed.
+        `gate` (app.events.hub) holds the stream's wake-up for a live event that
+        matches the filter until what it returns is done (one object for all streams
+        that use it, such as `EntityReader.prefetcher(kind)`).
         """
-        async with self.hub.subscribe(product_id) as subscriber:
+        hub_gate = FilteredGate(gate, event_filter) if gate is not None else None
+        async with self.hub.subscribe(product_id, hub_gate) as subscriber:
             delivered = self.hub.delivered(product_id)
             start = await self.start_position(product_id, after, delivered=delivered)
             if on_ready is not None:
                 on_ready()
             replay = delivered is None or start < delivered
-            in_order = self._in_order(product_id, subscriber, start, replay=replay)
-            async with contextlib.aclosing(in_order) as events:
-                async for record in events:
-                    if event_filter.matches(record):
-                        yield record
-
-    async def _in_order(
-        self, product_id: str, subscriber: Subscriber, last: int, *, replay: bool = True
-    ) -> AsyncGenerator[EventRecord, None]:
-        """Every event after sequence `last`, each exactly once, in sequence order
-        (`replay`: read the log first; without, the hub brings everything after `last`)."""
-        read_to_head = replay  # the replay first; later, after the queue overflowed
-        while True:
-            if read_to_head:
-                async for record in self._read_log(product_id, last, None):
-                    last = record.seq
-                    yield record
-            batch = await subscriber.next_batch()
-            read_to_head = subscriber.overflowed
-            if read_to_head:
-                subscriber.recover()
-                continue
-            for live in batch:
-                if live.seq <= last:  # already replayed or delivered
-                    continue
-                if live.seq > last + 1:  # a gap: the missing events are in the log
-                    async for record in self._read_log(product_id, last, live.seq - 1):
+            # Inline rather than a generator of its own: this loop runs once per
+            # subscriber and event, and each layer of async generators costs.
+            matches = event_filter.matches
+            last = start
+            read_to_head = replay  # the replay first; later, after the queue overflowed
+            while True:
+                if read_to_head:
+                    async for record in self._read_log(product_id, last, None):
                         last = record.seq
-                        yield record
-                last = live.seq
-                yield live
+                        if matches(record):
+                            yield record
+                batch = await subscriber.next_batch()
+                read_to_head = subscriber.overflowed
+                if read_to_head:
+                    subscriber.recover()
+                    continue
+                for live in batch:
+                    if live.seq <= last:  # already replayed or delivered
+                        continue
+                    if live.seq > last + 1:  # a gap: the missing events are in the log
+                        async for record in self._read_log(product_id, last, live.seq - 1):
+                            last = record.seq
+                            if matches(record):
+                                yield record
+                    last = live.seq
+                    if matches(live):
+                        yield live
 
     async def _read_log(
         self, product_id: str, after_seq: int, through_seq: int | None

@@ -21,6 +21,7 @@ from app.events.hub import LocalHub
 from app.events.service import EventStreams
 from app.fleet.models import Job
 from app.fleet.service import FleetService
+from app.graphql.delivery import SharedResults
 from app.graphql.snapshot import read_session
 from app.metrics import ServiceMetrics
 from app.pagination import Page
@@ -46,6 +47,8 @@ class Services:
     metrics: ServiceMetrics | None = None
     # Open websockets and live subscriptions per token (DESIGN §8).
     quotas: TokenQuotas = field(default_factory=TokenQuotas)
+    # Subscription results shared per event (app.graphql.delivery).
+    deliveries: SharedResults = field(default_factory=SharedResults)
 
 
 # (item id, page size, cursor) of one item's page of comments or of jobs.

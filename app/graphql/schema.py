@@ -25,6 +25,7 @@ from strawberry.extensions.query_depth_limiter import create_validator as depth_
 from strawberry.types import ExecutionContext
 
 from app.errors import FleetError, quote
+from app.graphql.delivery import SharedEventExecutor
 from app.graphql.documents import CachedDocuments
 from app.graphql.guards import RequestGuards
 from app.graphql.mutations import Mutation
@@ -146,4 +147,6 @@ schema = FleetSchema(
         OneSnapshotPerQuery,
         MaskUnexpectedErrors,
     ],
+    # Subscriptions: one execution per event and distinct subscription (app.graphql.delivery).
+    execution_context_class=SharedEventExecutor,
 )

@@ -4,7 +4,9 @@ Without an id a subscription receives every change of the caller's product; the
 creation of a job or item counts as its first change (`from` is null).  The `job`
 and `item` fields hold the entity as it is when the event is delivered: read once
 per event for every subscriber that selected it (app.events.entities), and not at
-all when the subscription did not select it.  While the database is unavailable a
+all when the subscription did not select it.  An event's payload is built once for
+all its subscribers, and its result executed and encoded once per distinct
+subscription (app.graphql.delivery).  While the database is unavailable a
 stream retries its reads for FLEET_STREAM_RETRY_SECONDS before it ends with
 `SERVICE_UNAVAILABLE` (app.events.retry).
 """
@@ -12,7 +14,7 @@ stream retries its reads for FLEET_STREAM_RETRY_SECONDS before it ends with
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from contextlib import aclosing
 from typing import Annotated, Any, TypeVar
 
@@ -22,15 +24,17 @@ from strawberry.types.nodes import SelectedField, Selection
 
 from app.auth.service import Permission
 from app.errors import BadUserInputError
+from app.events.entities import Kind
 from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.events.retry import with_retry
 from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
 from app.graphql.context import Context
+from app.graphql.delivery import direct_sender
 from app.graphql.ids import parse_id
 from app.graphql.types import ItemStatusEvent, JobStageEvent
 
-Row = TypeVar("Row")
+Payload = TypeVar("Payload")
 
 
 def _entity_filter(field: str, value: strawberry.ID | None) -> int | None:
@@ -53,32 +57,49 @@ def selects(selections: Iterable[Selection], name: str) -> bool:
     return False
 
 
-async def _changes(
+async def _events(
     info: Info[Context, None],
     types: frozenset[EventType],
     id_field: str,
     entity_id: strawberry.ID | None,
     after: str | None,
     entity_field: str,
-    load: Callable[[EventRecord], Awaitable[Row | None]],
-) -> AsyncGenerator[tuple[EventRecord, Row | None], None]:
-    """The caller's product's events of `types` (of one entity, if given), each with
-    the entity as it is now when `entity_field` is selected (None otherwise)."""
+    kind: Kind,
+    build: Callable[[EventRecord, Any], Payload],
+) -> AsyncGenerator[Payload, None]:
+    """The caller's product's events of `types` (of one entity, if given) as payloads,
+    `build(record, entity)`, the entity as it is now when `entity_field` is selected
+    (None otherwise): the hub starts its read as it offers the event, and wakes the
+    stream once it is there.  An event whose result for this subscription is shared
+    and encoded already goes straight to the websocket from here (in order, like the
+    rest), the others on to graphql-core (app.graphql.delivery)."""
     principal = info.context.require(Permission.READ)
     event_filter = filter_for(types, _entity_filter(id_field, entity_id))
     services = info.context.services
     wants_entity = any(selects(field.selections, entity_field) for field in info.selected_fields)
     quota = services.quotas.subscription(info.context.token_key,
                                          services.settings.max_subscriptions_per_token)
-    stream = services.streams.stream(principal.product_id, event_filter, after)
+    entities, payloads, direct = services.entities, services.deliveries, direct_sender()
+    gate = entities.prefetcher(kind) if wants_entity else None
+    stream = services.streams.stream(principal.product_id, event_filter, after, gate=gate)
     with quota:  # per-token live subscriptions (DESIGN §8)
         async with aclosing(stream):  # leave the hub as soon as the client goes
             async for record in stream:
                 row = None
                 if wants_entity:
-                    row = await with_retry(functools.partial(load, record),
-                                           services.streams.retry_seconds)
-                yield record, row
+                    read = entities.peek(kind, record)
+                    if (read is not None and read.done() and not read.cancelled()
+                            and read.exception() is None):
+                        row = read.result()  # the usual case: read before this stream woke
+                    else:
+                        row = await with_retry(functools.partial(entities.read, kind, record),
+                                               services.streams.retry_seconds)
+                payload = payloads.payload((build, record.product_id, record.seq), build,
+                                           record, row)
+                if direct is not None and (frame := direct.frame(payload)) is not None:
+                    await direct.send(frame)
+                    continue
+                yield payload
 
 
 EventAfter = Annotated[
@@ -96,7 +117,7 @@ EventAfter = Annotated[
 )
 class Subscription:
     @strawberry.subscription(description="Every stage change of jobs (creation included).")
-    async def job_stage_changed(
+    def job_stage_changed(
         self, info: Info[Context, None],
         job_id: Annotated[
             strawberry.ID | None,
@@ -104,17 +125,12 @@ class Subscription:
         ] = None,
         after: EventAfter = None,
     ) -> AsyncGenerator[JobStageEvent, None]:
-        changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
-            info, JOB_STAGE_EVENTS, "jobId", job_id, after, "job",
-            info.context.services.entities.job,
-        )
-        async with aclosing(changes):
-            async for record, job in changes:
-                yield JobStageEvent.from_record(record, job)
+        return _events(info, JOB_STAGE_EVENTS, "jobId", job_id, after, "job", Kind.JOB,
+                       JobStageEvent.from_record)
 
     @strawberry.subscription(description="Every status change of tracker items (creation "
                              "included).")
-    async def item_status_changed(
+    def item_status_changed(
         self, info: Info[Context, None],
         item_id: Annotated[
             strawberry.ID | None,
@@ -122,10 +138,5 @@ class Subscription:
         ] = None,
         after: EventAfter = None,
     ) -> AsyncGenerator[ItemStatusEvent, None]:
-        changes: AsyncGenerator[tuple[EventRecord, Any], None] = _changes(
-            info, ITEM_STATUS_EVENTS, "itemId", item_id, after, "item",
-            info.context.services.entities.item,
-        )
-        async with aclosing(changes):
-            async for record, item in changes:
-                yield ItemStatusEvent.from_record(record, item)
+        return _events(info, ITEM_STATUS_EVENTS, "itemId", item_id, after, "item", Kind.ITEM,
+                       ItemStatusEvent.from_record)

@@ -26,11 +26,7 @@ from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError, MissingQueryError
 from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
-from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
-    BaseGraphQLTransportWSHandler,
-)
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import ConnectionInitMessage
-from strawberry.subscriptions.protocols.graphql_ws.handlers import BaseGraphQLWSHandler
 from strawberry.subscriptions.protocols.graphql_ws.types import (
     ConnectionInitMessage as LegacyInitMessage,
 )
@@ -41,6 +37,7 @@ from strawberry.types.unset import UnsetType
 from app.auth.service import Principal, hash_token, parse_bearer
 from app.errors import RateLimitedError, StoreUnavailableError
 from app.graphql.context import Context, Services
+from app.graphql.delivery import SharedFramesLegacyWS, SharedFramesTransportWS
 from app.graphql.transport import (
     GRAPHQL_RESPONSE_JSON,
     SUBSCRIPTION_OVER_HTTP,
@@ -75,7 +72,7 @@ def _release_websocket(context: Context) -> None:
         context.websocket_slot = None
 
 
-class TransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+class TransportWSHandler(SharedFramesTransportWS[Context, None]):
     """`graphql-transport-ws` with the per-token websocket quota: over it the
     connection is closed with 4429 and a reason, and a held slot is released when
     the connection ends."""
@@ -101,7 +98,7 @@ class RequestRefused(HTTPException):
         self.headers = headers
 
 
-class LegacyGraphQLWSHandler(BaseGraphQLWSHandler[Context, None]):
+class LegacyGraphQLWSHandler(SharedFramesLegacyWS[Context, None]):
     """The legacy `graphql-ws` protocol has no init timeout of its own in strawberry;
     apply the view's `connection_init_wait_timeout` here too (close code 4408, as
     `graphql-transport-ws` does), so an idle unauthenticated socket cannot linger.

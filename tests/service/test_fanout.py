@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from sqlalchemy import event
 
 from app.auth.models import Role
 from app.db import utcnow
-from app.events.hub import LogHub
+from app.events.hub import WAKE_CHUNK, LogHub
 from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.events.service import JOB_STAGE_EVENTS, filter_for
@@ -53,12 +53,55 @@ async def test_the_hub_delivers_in_sequence_order_and_holds_back_what_comes_earl
     async with hub.subscribe("acme") as subscriber:  # the log is empty: head 0
         hub.deliver([record(3)])
         hub.deliver([record(2)])
-        assert subscriber._queue.empty()  # 1 is missing: nothing is offered yet
+        assert not subscriber.queued()  # 1 is missing: nothing is offered yet
         hub.deliver([record(1), record(2)])
         hub.deliver([record(1), record(4, "globex")])  # a duplicate; nobody on globex
         assert [r.seq for r in await subscriber.next_batch()] == [1, 2, 3]
         hub.deliver([record(4)])
         assert [r.seq for r in await subscriber.next_batch()] == [4]
+
+
+async def test_a_subscriber_waiting_for_its_events_entity_wakes_once_it_is_read(
+    make_runtime, make_token
+):
+    await make_token("acme", Role.MEMBER)
+    hub = (await make_runtime(hub_poll_seconds=QUIET)).services.hub
+    entity_read: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async with hub.subscribe("acme", gate=lambda _: entity_read) as gated, \
+            hub.subscribe("acme") as plain:
+        waiting = [asyncio.create_task(s.next_batch()) for s in (gated, plain)]
+        await asyncio.sleep(0)  # both wait for news
+        hub.deliver([record(1)])
+        assert [r.seq for r in await waiting[1]] == [1]
+        assert not waiting[0].done()  # its event is queued, its wake-up held
+        entity_read.set_result(None)
+        assert [r.seq for r in await waiting[0]] == [1]
+
+
+async def test_a_big_fan_out_wakes_subscribers_a_chunk_per_turn_of_the_loop(
+    make_runtime, make_token
+):
+    await make_token("acme", Role.MEMBER)
+    hub = (await make_runtime(hub_poll_seconds=QUIET)).services.hub
+    count = WAKE_CHUNK * 4
+    async with AsyncExitStack() as stack:
+        subscribers = [await stack.enter_async_context(hub.subscribe("acme"))
+                       for _ in range(count)]
+        waiting = [asyncio.create_task(s.next_batch()) for s in subscribers]
+        await asyncio.sleep(0)
+        hub.deliver([record(1)])
+        served_meanwhile: list[int] = []
+        loop = asyncio.get_running_loop()
+
+        def request_step() -> None:  # e.g. a mutation's database answer arriving
+            served_meanwhile.append(sum(task.done() for task in waiting))
+
+        # ready one turn after the event: it waits for one chunk of deliveries, not for
+        # every subscriber of the event
+        loop.call_soon(loop.call_soon, request_step)
+        batches = await asyncio.gather(*waiting)
+    assert all([r.seq for r in batch] == [1] for batch in batches)
+    assert served_meanwhile == [WAKE_CHUNK]
 
 
 @contextmanager
