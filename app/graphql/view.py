@@ -51,6 +51,9 @@ from app.web import GRAPHIQL_HTML, html_page
 # the service's own documents nest a few levels.
 MAX_JSON_DEPTH = 64
 RATE_LIMITED_CLOSE = 4429
+# The store could not check the token at `connection_init`: "Try Again Later" (RFC 6455
+# close code registry, 1013), never an unhandled error that drops the connection.
+STORE_UNAVAILABLE_CLOSE = 1013
 
 
 def json_depth_exceeds(value: object, limit: int) -> bool:
@@ -75,7 +78,8 @@ def _release_websocket(context: Context) -> None:
 class TransportWSHandler(SharedFramesTransportWS[Context, None]):
     """`graphql-transport-ws` with the per-token websocket quota: over it the
     connection is closed with 4429 and a reason, and a held slot is released when
-    the connection ends."""
+    the connection ends.  When the store cannot check the token the connection is
+    closed with 1013 (try again later) and the reason, never dropped by an error."""
 
     async def handle(self) -> None:
         try:
@@ -88,6 +92,8 @@ class TransportWSHandler(SharedFramesTransportWS[Context, None]):
             await super().handle_connection_init(message)
         except RateLimitedError as exc:
             await self.websocket.close(code=RATE_LIMITED_CLOSE, reason=exc.message[:120])
+        except StoreUnavailableError as exc:
+            await self.websocket.close(code=STORE_UNAVAILABLE_CLOSE, reason=exc.message[:120])
 
 
 class RequestRefused(HTTPException):
@@ -117,10 +123,12 @@ class LegacyGraphQLWSHandler(SharedFramesLegacyWS[Context, None]):
     async def handle_connection_init(self, message: LegacyInitMessage) -> None:
         try:
             await super().handle_connection_init(message)
-        except RateLimitedError as exc:
+        except (RateLimitedError, StoreUnavailableError) as exc:
+            code = (RATE_LIMITED_CLOSE if isinstance(exc, RateLimitedError)
+                    else STORE_UNAVAILABLE_CLOSE)
             await self.send_message({"type": "connection_error", "payload": {
                 "message": exc.message, "extensions": exc.extensions}})
-            await self.websocket.close(code=RATE_LIMITED_CLOSE, reason=exc.message[:120])
+            await self.websocket.close(code=code, reason=exc.message[:120])
 
     async def _close_unless_acknowledged(self) -> None:
         await asyncio.sleep(self.view.connection_init_wait_timeout.total_seconds())
