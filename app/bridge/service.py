@@ -69,6 +69,10 @@ class EchoTarget:
 
 
 class ItemEchoWriter(Protocol):
+    """The echo's item-writing step: it sets `status` (None: leaves the status as it
+    is) and adds `comment` on `item`, and stores `item.record` on the job — all of which
+    `write_status_and_comment` does; a seam that injects a fault wraps it."""
+
     async def __call__(
         self, session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
     ) -> None: ...
