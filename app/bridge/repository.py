@@ -14,9 +14,9 @@ is one hop to the driver's thread (`SqliteStatement`), the item write four.
 | an echo | PostgreSQL | SQLite |
 |---|---|---|
 | read under lock (item, job, latest job) | 1 | 1 |
-| item: status + comment + events | 1 | 4 |
-| item: comment + event (status left as is) | 1 | 3 |
-| the job's echo record | 1 | 1 |
+| item: status + comment + events, and the job's echo record | 1 | 5 |
+| item: comment + event (status left as is), and the record | 1 | 4 |
+| the job's echo record alone (nothing on the item) | 1 | 1 |
 """
 
 from __future__ import annotations
@@ -234,6 +234,53 @@ async def job_exists(session: AsyncSession, product_id: str, job_id: int) -> boo
     return result.first() is not None
 
 
+# -- the job's record -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EchoRecord:
+    """What a completed echo leaves on its job: the stage echoed and the status last
+    echoed; any pending retry is cleared."""
+
+    job_id: int
+    stage: JobStage
+    last_echoed_status: ItemStatus | None
+
+
+_RECORD_ECHO_SQL = (
+    "UPDATE jobs SET echoed_stage = :echoed_stage, last_echoed_status = :echoed_status,"
+    " echo_attempts = 0, echo_retry_at = NULL, echo_retry_stage = NULL"
+    " WHERE product_id = :product_id AND id = :job_id"
+)
+_PG_RECORD_ECHO = text(_RECORD_ECHO_SQL).bindparams(
+    bindparam("echoed_stage", type_=String()), bindparam("echoed_status", type_=String()))
+
+
+def _record_params(product_id: str, record: EchoRecord) -> dict[str, Any]:
+    return {"product_id": product_id, "job_id": record.job_id,
+            "echoed_stage": record.stage.value,
+            "echoed_status": None if record.last_echoed_status is None
+            else record.last_echoed_status.value}
+_SQLITE_RECORD_ECHO = SqliteStatement(_RECORD_ECHO_SQL)
+
+
+async def record_echoes(
+    session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
+) -> None:
+    """Store each completed echo on its job: one UPDATE (on PostgreSQL one executemany
+    for several).  The caller holds the jobs' row locks (`echo_rows`)."""
+    params = [_record_params(product_id, record) for record in records]
+    if not params:
+        return
+    if not _postgres(session):
+        for values in params:
+            await _SQLITE_RECORD_ECHO.rows(session, values)
+    elif len(params) == 1:  # the usual case: a plain execute, not the executemany path
+        await session.execute(_PG_RECORD_ECHO, params[0])
+    else:
+        await session.execute(_PG_RECORD_ECHO, params)
+
+
 # -- the item write ---------------------------------------------------------------
 
 # An item is written by primary key alone: the echo found it as the tracker item of
@@ -258,14 +305,17 @@ _COMMENT_EVENT = (
 )
 
 
-def _pg_write_sql(*, status: bool) -> str:
-    """PostgreSQL: the item write in one statement.  The product's sequence is bumped
-    once, by the number of events (its row stays locked until commit: gap-free,
-    commit-ordered sequences, as `app.events.outbox` keeps them); the status change
-    takes the first of them, the comment the last; each event row is announced by
-    its NOTIFY when the transaction commits."""
+def _pg_write_sql(*, status: bool, record: bool) -> str:
+    """PostgreSQL: the item write in one statement, with the job's echo record when
+    `record`.  The product's sequence is bumped once, by the number of events (its
+    row stays locked until commit: gap-free, commit-ordered sequences, as
+    `app.events.outbox` keeps them); the status change takes the first of them, the
+    comment the last; each event row is announced by its NOTIFY when the transaction
+    commits."""
     events = 2 if status else 1
     status_cte = f"item_row AS ({_SET_STATUS_SQL} RETURNING id), " if status else ""
+    if record:
+        status_cte = f"job_row AS ({_RECORD_ECHO_SQL} RETURNING id), " + status_cte
     status_event = (
         f"SELECT event_seq.id, event_seq.last_event_seq - 1, {_STATUS_EVENT},"
         " :event_created_at FROM event_seq UNION ALL " if status else ""
@@ -285,9 +335,9 @@ SELECT seq, entity_id, pg_notify('{EVENT_CHANNEL}', product_id || ':' || seq) AS
 FROM event_row ORDER BY seq"""
 
 
-def _pg_write(*, status: bool) -> TextualSelect:
+def _pg_write(*, status: bool, record: bool) -> TextualSelect:
     return (
-        text(_pg_write_sql(status=status))
+        text(_pg_write_sql(status=status, record=record))
         .bindparams(
             bindparam("now", type_=UTCDateTime()),
             bindparam("event_created_at", type_=UTCDateTime()),
@@ -298,8 +348,8 @@ def _pg_write(*, status: bool) -> TextualSelect:
     )
 
 
-_PG_WRITE_STATUS_AND_COMMENT = _pg_write(status=True)
-_PG_WRITE_COMMENT = _pg_write(status=False)
+_PG_WRITES = {(status, record): _pg_write(status=status, record=record)
+              for status in (False, True) for record in (False, True)}
 
 _SQLITE_SET_STATUS = SqliteStatement(_SET_STATUS_SQL, binds={"now": UTCDateTime()})
 _SQLITE_INSERT_COMMENT = SqliteStatement(_INSERT_COMMENT_SQL, binds={"now": UTCDateTime()})
@@ -323,13 +373,15 @@ _SQLITE_EVENTS = {
 async def write_onto_item(
     session: AsyncSession, product_id: str, item_id: int, *, previous: ItemStatus,
     status: ItemStatus | None, body: str, author: str, kind: CommentKind, now: datetime,
+    record: EchoRecord | None = None,
 ) -> None:
     """The echo's write onto an item the caller holds (read under its row lock, with
     status `previous`): `status` set, with `updated_at = now`, and recorded as the
     status the bridge owns (`bridge_status`), unless it is None; the comment added;
     and the events of both (ITEM_STATUS_CHANGED first, then COMMENT_ADDED), handed to
-    the hub after commit (`remember_event`).  One statement on PostgreSQL, three or
-    four on SQLite (see the module docstring)."""
+    the hub after commit (`remember_event`).  With `record`, the job's echo record
+    (`record_echoes`) is stored by the same statement.  One statement on PostgreSQL,
+    three to five on SQLite (see the module docstring)."""
     params: dict[str, Any] = {
         "product_id": product_id, "item_id": item_id, "body": body, "author": author,
         "kind": kind.value, "now": now, "event_created_at": now,
@@ -337,12 +389,16 @@ async def write_onto_item(
     comment_payload = {"itemId": item_id, "kind": kind.value}
     if status is not None:
         params.update(status=status.value, previous=previous.value)
+    if record is not None:
+        params.update(_record_params(product_id, record))
     if _postgres(session):
-        statement = _PG_WRITE_COMMENT if status is None else _PG_WRITE_STATUS_AND_COMMENT
+        statement = _PG_WRITES[(status is not None, record is not None)]
         rows = (await session.execute(
             statement, {**params, "comment_payload": comment_payload})).all()
         seqs = [(row[0], row[1]) for row in rows]
     else:
+        if record is not None:
+            await _SQLITE_RECORD_ECHO.rows(session, params)
         if status is not None:
             await _SQLITE_SET_STATUS.rows(session, params)
         [[comment_id]] = await _SQLITE_INSERT_COMMENT.rows(session, params)
@@ -350,30 +406,30 @@ async def write_onto_item(
         [[last]] = await _SQLITE_BUMP.rows(session, {"product_id": product_id, "count": count})
         seqs = [(last - 1, item_id)] if status is not None else []
         seqs.append((last, comment_id))
-    records = []
+    events = []
     if status is not None:
         seq, _ = seqs[0]
-        records.append(EventRecord(
+        events.append(EventRecord(
             product_id=product_id, seq=seq, type=EventType.ITEM_STATUS_CHANGED,
             entity_id=item_id, from_state=previous.value, to_state=status.value,
             created_at=now, payload={},
         ))
     seq, comment_id = seqs[-1]
-    records.append(EventRecord(
+    events.append(EventRecord(
         product_id=product_id, seq=seq, type=EventType.COMMENT_ADDED, entity_id=comment_id,
         from_state=None, to_state=None, created_at=now, payload=comment_payload,
     ))
     if not _postgres(session):
         values: dict[str, Any] = {"product_id": product_id, "event_created_at": now}
-        for n, record in enumerate(records):
+        for n, event in enumerate(events):
             values.update({
-                f"seq_{n}": record.seq, f"type_{n}": record.type.value,
-                f"entity_id_{n}": record.entity_id, f"from_state_{n}": record.from_state,
-                f"to_state_{n}": record.to_state, f"payload_{n}": record.payload,
+                f"seq_{n}": event.seq, f"type_{n}": event.type.value,
+                f"entity_id_{n}": event.entity_id, f"from_state_{n}": event.from_state,
+                f"to_state_{n}": event.to_state, f"payload_{n}": event.payload,
             })
-        await _SQLITE_EVENTS[len(records)].rows(session, values)
-    for record in records:
-        remember_event(session, record)
+        await _SQLITE_EVENTS[len(events)].rows(session, values)
+    for event in events:
+        remember_event(session, event)
 
 
 _SET_BRIDGE_STATUS_SQL = "UPDATE items SET bridge_status = :bridge_status WHERE id = :item_id"
@@ -393,51 +449,6 @@ async def write_bridge_status(
         await session.execute(_PG_SET_BRIDGE_STATUS, params)
     else:
         await _SQLITE_SET_BRIDGE_STATUS.rows(session, params)
-
-
-# -- the job's record -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class EchoRecord:
-    """What a completed echo leaves on its job: the stage echoed and the status last
-    echoed; any pending retry is cleared."""
-
-    job_id: int
-    stage: JobStage
-    last_echoed_status: ItemStatus | None
-
-
-_RECORD_ECHO_SQL = (
-    "UPDATE jobs SET echoed_stage = :stage, last_echoed_status = :status,"
-    " echo_attempts = 0, echo_retry_at = NULL, echo_retry_stage = NULL"
-    " WHERE product_id = :product_id AND id = :job_id"
-)
-_PG_RECORD_ECHO = text(_RECORD_ECHO_SQL).bindparams(
-    bindparam("stage", type_=String()), bindparam("status", type_=String()))
-_SQLITE_RECORD_ECHO = SqliteStatement(_RECORD_ECHO_SQL)
-
-
-async def record_echoes(
-    session: AsyncSession, product_id: str, records: Sequence[EchoRecord]
-) -> None:
-    """Store each completed echo on its job: one UPDATE (on PostgreSQL one executemany
-    for several).  The caller holds the jobs' row locks (`echo_rows`)."""
-    params = [
-        {"product_id": product_id, "job_id": record.job_id, "stage": record.stage.value,
-         "status": None if record.last_echoed_status is None
-         else record.last_echoed_status.value}
-        for record in records
-    ]
-    if not params:
-        return
-    if not _postgres(session):
-        for values in params:
-            await _SQLITE_RECORD_ECHO.rows(session, values)
-    elif len(params) == 1:  # the usual case: a plain execute, not the executemany path
-        await session.execute(_PG_RECORD_ECHO, params[0])
-    else:
-        await session.execute(_PG_RECORD_ECHO, params)
 
 
 # -- the sweeper's backlog --------------------------------------------------------

@@ -59,14 +59,20 @@ class EchoResult:
 
 @dataclass(frozen=True, slots=True)
 class EchoTarget:
-    """The item an echo writes onto, as the echo read it under the item's row lock."""
+    """The item an echo writes onto, as the echo read it under the item's row lock, and
+    the echo's record for its job, which the item write stores with it."""
 
     id: int
     product_id: str
     status: ItemStatus
+    record: bridge_repository.EchoRecord | None = None
 
 
 class ItemEchoWriter(Protocol):
+    """The echo's item-writing step: it sets `status` (None: leaves the status as it
+    is) and adds `comment` on `item`, and stores `item.record` on the job — all of which
+    `write_status_and_comment` does; a seam that injects a fault wraps it."""
+
     async def __call__(
         self, session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
     ) -> None: ...
@@ -76,12 +82,13 @@ async def write_status_and_comment(
     session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
 ) -> None:
     """Set the item's status (`None`: leave it as it is), recorded as the status the
-    bridge owns, and add the metrics comment, with the events of both: one statement
-    on PostgreSQL (`bridge_repository.write_onto_item`)."""
+    bridge owns, and add the metrics comment, with the events of both, and the job's
+    echo record (`item.record`): one statement on PostgreSQL
+    (`bridge_repository.write_onto_item`)."""
     await bridge_repository.write_onto_item(
         session, item.product_id, item.id, previous=item.status,
         status=status if status != item.status else None, body=comment,
-        author=SYSTEM_AUTHOR, kind=CommentKind.SYSTEM, now=utcnow(),
+        author=SYSTEM_AUTHOR, kind=CommentKind.SYSTEM, now=utcnow(), record=item.record,
     )
 
 
@@ -272,9 +279,20 @@ class BridgeService:
     ) -> list[ItemStatus | None]:
         """Write the echoes of `echoes` (each a row read under lock and the stage to
         echo), in order, and record them on their jobs; return the status each set on
-        its item (None: none).  Echoes of one item see what the earlier ones wrote."""
+        its item (None: none).  Echoes of one item see what the earlier ones decided.
+
+        Everything is decided first; then the records of jobs whose echo writes nothing
+        on the item and the bridge's take-backs of a status are written, and the item
+        writes (each with its events and its job's record) last: appending
+        an event locks the product's row until commit (it orders the product's
+        events), and every other change of the product waits for that lock, so it is
+        held for the commit's round trip only.  (A take-back never follows a status
+        write of the same item in one batch: the item then shows the bridge's own
+        status.)"""
         items: dict[int, _ItemSeen] = {}
         records: list[bridge_repository.EchoRecord] = []
+        take_backs: list[tuple[int, ItemStatus | None]] = []
+        writes: list[tuple[EchoTarget, ItemStatus | None, str]] = []
         echoed: list[ItemStatus | None] = []
         for row, stage in echoes:
             item = items.setdefault(row.item_id, _ItemSeen(row.item_status, row.bridge_status))
@@ -283,25 +301,28 @@ class BridgeService:
                 echoed.append(None)
                 continue
             bridge_status = item.bridge_status
-            if plan.comment:
-                comment = echo_comment(_figures(row, stage), plan.set_status, utcnow())
-                await self.echo_writer(
-                    session, EchoTarget(row.item_id, product_id, item.status), plan.set_status,
-                    comment,
-                )
-                if plan.set_status is not None:  # the writer recorded it as the bridge's
-                    item.status = bridge_status = plan.set_status
-            if plan.bridge_status != bridge_status:
-                await bridge_repository.write_bridge_status(
-                    session, product_id, row.item_id, plan.bridge_status
-                )
-            item.bridge_status = plan.bridge_status
             status = item_status_for_stage(stage)
-            records.append(bridge_repository.EchoRecord(
+            record = bridge_repository.EchoRecord(
                 row.job_id, stage, status if status is not None else row.last_echoed_status
-            ))
+            )
+            if plan.comment:  # the item write stores the job's record too
+                comment = echo_comment(_figures(row, stage), plan.set_status, utcnow())
+                writes.append((EchoTarget(row.item_id, product_id, item.status, record),
+                               plan.set_status, comment))
+                if plan.set_status is not None:  # the writer records it as the bridge's
+                    item.status = bridge_status = plan.set_status
+            else:
+                records.append(record)
+            if plan.bridge_status != bridge_status:
+                take_backs.append((row.item_id, plan.bridge_status))
+            item.bridge_status = plan.bridge_status
             echoed.append(plan.set_status)
         await bridge_repository.record_echoes(session, product_id, records)
+        for item_id, bridge_status in take_backs:
+            await bridge_repository.write_bridge_status(session, product_id, item_id,
+                                                        bridge_status)
+        for target, status, comment in writes:
+            await self.echo_writer(session, target, status, comment)
         return echoed
 
     async def _schedule_retry(
