@@ -94,7 +94,9 @@ class Job(Base):
     last_echoed_status: Mapped[ItemStatus | None] = mapped_column(ITEM_STATUS)
     echo_attempts: Mapped[int] = mapped_column(Integer, default=0)
     echo_retry_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # The stage whose echo last completed (its terminal comment, once, included), and
+    # The last stage whose echo wrote something (its terminal comment, once, included;
+    # a move the item already shows writes nothing and leaves it behind, see
+    # app.bridge.mapping `echo_covered`), and
     # the stage a failed echo attempted (what the sweeper retries with the flag off).
     echoed_stage: Mapped[JobStage | None] = mapped_column(JOB_STAGE)
     echo_retry_stage: Mapped[JobStage | None] = mapped_column(JOB_STAGE)

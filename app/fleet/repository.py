@@ -224,32 +224,6 @@ async def expired_leases(session: AsyncSession, now: datetime, limit: int) -> Se
     return (await session.execute(stmt)).scalars().all()
 
 
-async def echo_backlog(
-    session: AsyncSession, now: datetime, limit: int, *, every_stage_change: bool
-) -> Sequence[tuple[str, int, JobStage | None]]:
-    """(product, job id, stage to echo) of tracker-linked jobs whose echo is due.
-
-    With `every_stage_change` (FLEET_TRACKER_ECHO on) that is every such job whose
-    current stage has not been echoed yet, to be echoed at its current stage (None);
-    otherwise only jobs whose manual echo failed and waits for a retry, each with the
-    stage that echo attempted (DESIGN §4).  Jobs still backing off are left out.
-    """
-    stmt = (
-        select(Job.product_id, Job.id, Job.echo_retry_stage)
-        .where(
-            Job.tracker_item_id.is_not(None),
-            or_(Job.echo_retry_at.is_(None), Job.echo_retry_at <= now),
-        )
-        .order_by(Job.id)
-        .limit(limit)
-    )
-    if every_stage_change:
-        stmt = stmt.where(or_(Job.echoed_stage.is_(None), Job.echoed_stage != Job.stage))
-        return [(row[0], row[1], None) for row in (await session.execute(stmt)).all()]
-    stmt = stmt.where(Job.echo_retry_at.is_not(None), Job.echo_retry_stage.is_not(None))
-    return [(row[0], row[1], row[2]) for row in (await session.execute(stmt)).all()]
-
-
 def to_candidate(job: Job) -> Candidate:
     return Candidate(
         id=job.id,
