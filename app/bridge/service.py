@@ -6,7 +6,15 @@ after the job's change has committed, and a failure to write the item is logged,
 returned as `EchoResult(echoed=None, error=…)` and retried later by the sweeper.
 It never raises into, or undoes, the job's lifecycle.
 
-The item-writing step is a seam (`ItemEchoWriter`) so that a fault can be injected.
+The item-writing step is a seam (`ItemEchoWriter`, `app.bridge.echo_apply`) so that
+a fault can be injected.
+
+On SQLite the after-commit echoes that wait for the one writer connection at the
+same moment share one unit of work (`app.bridge.group_commit`): each caller still
+awaits its own echo's commit, and when that unit of work fails, nothing of it is
+written and each of its jobs is echoed on its own, exactly as it would have been
+alone.  PostgreSQL runs concurrent units of work side by side: there each commit's
+echo keeps a unit of work of its own.
 """
 
 from __future__ import annotations
@@ -15,21 +23,18 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
-from app.bridge.mapping import (
-    EchoPlan,
-    JobFigures,
-    decide_echo,
-    echo_comment,
-    item_status_for_stage,
-    same_status_move,
-)
+from app.bridge.echo_apply import EchoTarget as EchoTarget
+from app.bridge.echo_apply import ItemEchoWriter as ItemEchoWriter
+from app.bridge.echo_apply import ItemSeen, apply_echoes, decide
+from app.bridge.echo_apply import write_status_and_comment as write_status_and_comment
+from app.bridge.group_commit import GroupCommit, Take
+from app.bridge.mapping import same_status_move
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
 from app.db import utcnow
@@ -40,14 +45,14 @@ from app.fleet import repository as fleet_repository
 from app.fleet.models import JobStage
 from app.fleet.service import FleetService, SubmitResult
 from app.tracker import repository as tracker_repository
-from app.tracker.models import CommentKind, Item, ItemStatus
+from app.tracker.models import Item, ItemStatus
 from app.tracker.service import ItemChanges, NewItem
 from app.uow import Database
 
 logger = logging.getLogger(__name__)
 
-SYSTEM_AUTHOR = "fleetbridge"
 _JOB_EVENTS = frozenset({EventType.JOB_CREATED, EventType.JOB_STAGE_CHANGED})
+Echoes = list[tuple[str, list[int]]]  # (product, job ids) of one commit, in its order
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,49 +60,6 @@ class EchoResult:
     echoed: ItemStatus | None
     error: str | None
     item: Item | None
-
-
-@dataclass(frozen=True, slots=True)
-class EchoTarget:
-    """The item an echo writes onto, as the echo read it under the item's row lock, and
-    the echo's record for its job, which the item write stores with it."""
-
-    id: int
-    product_id: str
-    status: ItemStatus
-    record: bridge_repository.EchoRecord | None = None
-
-
-class ItemEchoWriter(Protocol):
-    """The echo's item-writing step: it sets `status` (None: leaves the status as it
-    is) and adds `comment` on `item`, and stores `item.record` on the job — all of which
-    `write_status_and_comment` does; a seam that injects a fault wraps it."""
-
-    async def __call__(
-        self, session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
-    ) -> None: ...
-
-
-async def write_status_and_comment(
-    session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
-) -> None:
-    """Set the item's status (`None`: leave it as it is), recorded as the status the
-    bridge owns, and add the metrics comment, with the events of both, and the job's
-    echo record (`item.record`): one statement on PostgreSQL
-    (`bridge_repository.write_onto_item`)."""
-    await bridge_repository.write_onto_item(
-        session, item.product_id, item.id, previous=item.status,
-        status=status if status != item.status else None, body=comment,
-        author=SYSTEM_AUTHOR, kind=CommentKind.SYSTEM, now=utcnow(), record=item.record,
-    )
-
-
-@dataclass(slots=True)
-class _ItemSeen:
-    """An item's status as the echoes of one unit of work have left it so far."""
-
-    status: ItemStatus
-    bridge_status: ItemStatus | None
 
 
 class BridgeService:
@@ -119,6 +81,10 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
+        # SQLite: after-commit echoes waiting for the writer share its next unit of work.
+        self.group_commit: GroupCommit[Echoes] | None = (
+            GroupCommit(self._echo_group) if db.dialect == "sqlite" else None
+        )
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -168,28 +134,32 @@ class BridgeService:
 
         The events carry the job and product, so the echo starts with its one read of
         item and job.  The jobs of one commit (an item's cancelled jobs, a reaper pass)
-        are echoed together in one unit of work, in the commit's order; when that
-        fails, each is echoed on its own, so one item's failure never holds back
-        another's echo and is retried by itself.
+        are echoed together in one unit of work, in the commit's order — on SQLite
+        with those of the other commits whose echoes wait for the writer at the same
+        moment (`group_commit`); when that fails, each is echoed on its own, so one
+        item's failure never holds back another's echo and is retried by itself.
         """
         by_product: dict[str, dict[int, bool]] = {}
         for r in records:
             if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
                 jobs = by_product.setdefault(r.product_id, {})
                 jobs[r.entity_id] = jobs.get(r.entity_id, True) and _same_status_move(r)
+        echoes: Echoes = []
         for product_id, jobs in by_product.items():
             job_ids = list(jobs)
             probe = [job_id for job_id, same in jobs.items() if same]
             if probe:
                 done = await self._nothing_to_write(product_id, probe)
                 job_ids = [job_id for job_id in job_ids if job_id not in done]
+            if job_ids:
+                echoes.append((product_id, job_ids))
+        if echoes and self.group_commit is not None:
+            await self.group_commit.submit(echoes)
+            return
+        for product_id, job_ids in echoes:
             if len(job_ids) > 1 and await self._echo_together(product_id, job_ids):
                 continue
-            for job_id in job_ids:
-                try:
-                    await self._echo_one(product_id, job_id, None, with_item=False)
-                except Exception:  # an echo never fails the change that caused it
-                    logger.exception("echo of job %s failed", job_id)
+            await self._echo_each([(product_id, job_id) for job_id in job_ids])
 
     async def sweep_echoes(self, *, every_stage_change: bool, limit: int = 100) -> int:
         """Retry echoes whose items have not caught up; return how many succeeded."""
@@ -221,7 +191,8 @@ class BridgeService:
                     return EchoResult(echoed=None, error=None, item=None)
                 row = rows[0]
                 attempted = stage or row.stage
-                [echoed] = await self._apply(session, product_id, [(row, attempted)])
+                [echoed] = await apply_echoes(session, product_id, [(row, attempted)],
+                                              self.echo_writer)
                 item = (
                     await tracker_repository.get_item(session, product_id, row.item_id)
                     if with_item else None
@@ -230,11 +201,18 @@ class BridgeService:
         except NotFoundError:
             raise
         except Exception as exc:
-            logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
-            if self.on_echo_failure is not None:
-                self.on_echo_failure()
-            await self._schedule_retry(product_id, job_id, attempted)
-            return EchoResult(echoed=None, error=_echo_error(exc), item=None)
+            return await self._failed(product_id, job_id, attempted, exc)
+
+    async def _failed(
+        self, product_id: str, job_id: int, attempted: JobStage | None, exc: Exception
+    ) -> EchoResult:
+        """A failed echo: logged, counted and scheduled for a retry of the stage
+        attempted (None: the job's current one)."""
+        logger.warning("echo of job %s onto its item failed: %s", job_id, exc, exc_info=True)
+        if self.on_echo_failure is not None:
+            self.on_echo_failure()
+        await self._schedule_retry(product_id, job_id, attempted)
+        return EchoResult(echoed=None, error=_echo_error(exc), item=None)
 
     async def _nothing_to_write(self, product_id: str, job_ids: list[int]) -> set[int]:
         """The jobs among `job_ids` whose echo has nothing to write (`decide_echo`), found
@@ -255,7 +233,7 @@ class BridgeService:
         linked = {row.job_id for row in rows}
         busy = {
             row.item_id for row in rows
-            if _decide(row, row.stage, _ItemSeen(row.item_status, row.bridge_status)) is not None
+            if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is not None
         }
         done = {job_id for job_id in job_ids if job_id not in linked}  # no item: no echo
         return done | {row.job_id for row in rows if row.item_id not in busy}
@@ -266,64 +244,52 @@ class BridgeService:
         try:
             async with self.db.unit_of_work() as session:
                 rows = await bridge_repository.echo_rows(session, product_id, job_ids)
-                await self._apply(session, product_id, [(row, row.stage) for row in rows])
+                await apply_echoes(session, product_id, [(row, row.stage) for row in rows],
+                                   self.echo_writer)
         except Exception:
             logger.info("echoing %d jobs together failed; echoing each on its own",
                         len(job_ids), exc_info=True)
             return False
         return True
 
-    async def _apply(
-        self, session: AsyncSession, product_id: str,
-        echoes: Sequence[tuple[bridge_repository.EchoRow, JobStage]],
-    ) -> list[ItemStatus | None]:
-        """Write the echoes of `echoes` (each a row read under lock and the stage to
-        echo), in order, and record them on their jobs; return the status each set on
-        its item (None: none).  Echoes of one item see what the earlier ones decided.
+    async def _echo_group(self, take: Take[Echoes]) -> None:
+        """A group commit's run (SQLite): once the unit of work holds the writer, the
+        echoes pending then (`take`), each job once, at its current stage, in the
+        order they came, in that one unit of work; when it fails, nothing of it is
+        written and each job is echoed on its own (`_echo_each`) — or, when it was
+        one job's alone, that echo failed, as `_echo_one`'s would have."""
+        keys: list[bridge_repository.EchoKey] | None = None
+        try:
+            async with self.db.unit_of_work() as session:
+                await session.connection()  # the writer: echoes pending meanwhile join in
+                keys = _unique(take())
+                rows = await bridge_repository.echo_rows_of(session, keys)
+                by_product: dict[str, list[bridge_repository.EchoRow]] = {}
+                for row in rows:
+                    by_product.setdefault(row.product_id, []).append(row)
+                for product_id, product_rows in by_product.items():
+                    await apply_echoes(session, product_id,
+                                       [(row, row.stage) for row in product_rows],
+                                       self.echo_writer)
+            return
+        except Exception as exc:
+            if keys is None:
+                keys = _unique(take())
+            if len(keys) == 1:  # it was that echo's own unit of work: it failed
+                [(product_id, job_id)] = keys
+                await self._failed(product_id, job_id, None, exc)
+                return
+            logger.info("echoing %d jobs together failed; echoing each on its own",
+                        len(keys), exc_info=True)
+        await self._echo_each(keys)
 
-        Everything is decided first; then the records of jobs whose echo writes nothing
-        on the item and the bridge's take-backs of a status are written, and the item
-        writes (each with its events and its job's record) last: appending
-        an event locks the product's row until commit (it orders the product's
-        events), and every other change of the product waits for that lock, so it is
-        held for the commit's round trip only.  (A take-back never follows a status
-        write of the same item in one batch: the item then shows the bridge's own
-        status.)"""
-        items: dict[int, _ItemSeen] = {}
-        records: list[bridge_repository.EchoRecord] = []
-        take_backs: list[tuple[int, ItemStatus | None]] = []
-        writes: list[tuple[EchoTarget, ItemStatus | None, str]] = []
-        echoed: list[ItemStatus | None] = []
-        for row, stage in echoes:
-            item = items.setdefault(row.item_id, _ItemSeen(row.item_status, row.bridge_status))
-            plan = _decide(row, stage, item)
-            if plan is None:
-                echoed.append(None)
-                continue
-            bridge_status = item.bridge_status
-            status = item_status_for_stage(stage)
-            record = bridge_repository.EchoRecord(
-                row.job_id, stage, status if status is not None else row.last_echoed_status
-            )
-            if plan.comment:  # the item write stores the job's record too
-                comment = echo_comment(_figures(row, stage), plan.set_status, utcnow())
-                writes.append((EchoTarget(row.item_id, product_id, item.status, record),
-                               plan.set_status, comment))
-                if plan.set_status is not None:  # the writer records it as the bridge's
-                    item.status = bridge_status = plan.set_status
-            else:
-                records.append(record)
-            if plan.bridge_status != bridge_status:
-                take_backs.append((row.item_id, plan.bridge_status))
-            item.bridge_status = plan.bridge_status
-            echoed.append(plan.set_status)
-        await bridge_repository.record_echoes(session, product_id, records)
-        for item_id, bridge_status in take_backs:
-            await bridge_repository.write_bridge_status(session, product_id, item_id,
-                                                        bridge_status)
-        for target, status, comment in writes:
-            await self.echo_writer(session, target, status, comment)
-        return echoed
+    async def _echo_each(self, keys: Sequence[bridge_repository.EchoKey]) -> None:
+        """Each job of `keys` echoed at its current stage in a unit of work of its own."""
+        for product_id, job_id in keys:
+            try:
+                await self._echo_one(product_id, job_id, None, with_item=False)
+            except Exception:  # an echo never fails the change that caused it
+                logger.exception("echo of job %s failed", job_id)
 
     async def _schedule_retry(
         self, product_id: str, job_id: int, stage: JobStage | None
@@ -354,17 +320,11 @@ def _same_status_move(record: EventRecord) -> bool:
         return False
 
 
-def _decide(
-    row: bridge_repository.EchoRow, stage: JobStage, item: _ItemSeen
-) -> EchoPlan | None:
-    """`mapping.decide_echo` for a row read by `echo_rows`, with `item` as seen now."""
-    return decide_echo(
-        stage=stage, job_stage=row.stage, echoed_stage=row.echoed_stage,
-        job_last_status=row.last_echoed_status,
-        retry_pending=row.echo_attempts > 0 or row.echo_retry_at is not None
-        or row.echo_retry_stage is not None,
-        item_status=item.status, bridge_status=item.bridge_status, latest=row.latest,
-    )
+def _unique(requests: list[Echoes]) -> list[bridge_repository.EchoKey]:
+    """The (product, job) pairs of `requests`, each once, in the order they came."""
+    return list(dict.fromkeys(
+        (product_id, job_id)
+        for echoes in requests for product_id, job_ids in echoes for job_id in job_ids))
 
 
 def _echo_error(exc: Exception) -> str:
@@ -382,15 +342,3 @@ def _echo_error(exc: Exception) -> str:
     return f"the item could not be updated ({kind}); the echo will be retried"
 
 
-def _figures(row: bridge_repository.EchoRow, stage: JobStage) -> JobFigures:
-    return JobFigures(
-        job_id=row.job_id,
-        stage=stage,
-        attempts=row.attempts,
-        max_attempts=row.max_attempts,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        cost_usd=row.cost_usd,
-        tokens_in=row.tokens_in,
-        tokens_out=row.tokens_out,
-    )

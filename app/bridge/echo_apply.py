@@ -1,0 +1,156 @@
+"""An echo's decisions and writes, inside the unit of work that read its rows under
+lock (DESIGN §4): `apply_echoes` decides each echo by the rules (`mapping.decide_echo`)
+and writes what it decided; the item write goes through a seam (`ItemEchoWriter`) so
+that a fault can be injected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.bridge.echo_rows import EchoRow
+from app.bridge.echo_writes import (
+    EchoRecord,
+    record_echoes,
+    write_bridge_status,
+    write_onto_item,
+)
+from app.bridge.mapping import (
+    EchoPlan,
+    JobFigures,
+    decide_echo,
+    echo_comment,
+    item_status_for_stage,
+)
+from app.db import utcnow
+from app.fleet.models import JobStage
+from app.tracker.models import CommentKind, ItemStatus
+
+SYSTEM_AUTHOR = "fleetbridge"
+
+
+@dataclass(frozen=True, slots=True)
+class EchoTarget:
+    """The item an echo writes onto, as the echo read it under the item's row lock, and
+    the echo's record for its job, which the item write stores with it."""
+
+    id: int
+    product_id: str
+    status: ItemStatus
+    record: EchoRecord | None = None
+
+
+class ItemEchoWriter(Protocol):
+    """The echo's item-writing step: it sets `status` (None: leaves the status as it
+    is) and adds `comment` on `item`, and stores `item.record` on the job — all of which
+    `write_status_and_comment` does; a seam that injects a fault wraps it."""
+
+    async def __call__(
+        self, session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
+    ) -> None: ...
+
+
+async def write_status_and_comment(
+    session: AsyncSession, item: EchoTarget, status: ItemStatus | None, comment: str
+) -> None:
+    """Set the item's status (`None`: leave it as it is), recorded as the status the
+    bridge owns, and add the metrics comment, with the events of both, and the job's
+    echo record (`item.record`): one statement on PostgreSQL
+    (`write_onto_item`)."""
+    await write_onto_item(
+        session, item.product_id, item.id, previous=item.status,
+        status=status if status != item.status else None, body=comment,
+        author=SYSTEM_AUTHOR, kind=CommentKind.SYSTEM, now=utcnow(), record=item.record,
+    )
+
+
+@dataclass(slots=True)
+class ItemSeen:
+    """An item's status as the echoes of one unit of work have left it so far."""
+
+    status: ItemStatus
+    bridge_status: ItemStatus | None
+
+
+async def apply_echoes(
+    session: AsyncSession, product_id: str,
+    echoes: Sequence[tuple[EchoRow, JobStage]], writer: ItemEchoWriter,
+) -> list[ItemStatus | None]:
+    """Write the echoes of `echoes` with `writer` (each a row read under lock and the stage to
+    echo), in order, and record them on their jobs; return the status each set on
+    its item (None: none).  Echoes of one item see what the earlier ones decided.
+
+    Everything is decided first; then the records of jobs whose echo writes nothing
+    on the item and the bridge's take-backs of a status are written, and the item
+    writes (each with its events and its job's record) last: appending
+    an event locks the product's row until commit (it orders the product's
+    events), and every other change of the product waits for that lock, so it is
+    held for the commit's round trip only.  (A take-back never follows a status
+    write of the same item in one batch: the item then shows the bridge's own
+    status.)"""
+    items: dict[int, ItemSeen] = {}
+    records: list[EchoRecord] = []
+    take_backs: list[tuple[int, ItemStatus | None]] = []
+    writes: list[tuple[EchoTarget, ItemStatus | None, str]] = []
+    echoed: list[ItemStatus | None] = []
+    for row, stage in echoes:
+        item = items.setdefault(row.item_id, ItemSeen(row.item_status, row.bridge_status))
+        plan = decide(row, stage, item)
+        if plan is None:
+            echoed.append(None)
+            continue
+        bridge_status = item.bridge_status
+        status = item_status_for_stage(stage)
+        record = EchoRecord(
+            row.job_id, stage, status if status is not None else row.last_echoed_status
+        )
+        if plan.comment:  # the item write stores the job's record too
+            comment = echo_comment(figures(row, stage), plan.set_status, utcnow())
+            writes.append((EchoTarget(row.item_id, product_id, item.status, record),
+                           plan.set_status, comment))
+            if plan.set_status is not None:  # the writer records it as the bridge's
+                item.status = bridge_status = plan.set_status
+        else:
+            records.append(record)
+        if plan.bridge_status != bridge_status:
+            take_backs.append((row.item_id, plan.bridge_status))
+        item.bridge_status = plan.bridge_status
+        echoed.append(plan.set_status)
+    await record_echoes(session, product_id, records)
+    for item_id, bridge_status in take_backs:
+        await write_bridge_status(session, product_id, item_id,
+                                                    bridge_status)
+    for target, status, comment in writes:
+        await writer(session, target, status, comment)
+    return echoed
+
+
+def decide(
+    row: EchoRow, stage: JobStage, item: ItemSeen
+) -> EchoPlan | None:
+    """`mapping.decide_echo` for a row read by `echo_rows`, with `item` as seen now."""
+    return decide_echo(
+        stage=stage, job_stage=row.stage, echoed_stage=row.echoed_stage,
+        job_last_status=row.last_echoed_status,
+        retry_pending=row.echo_attempts > 0 or row.echo_retry_at is not None
+        or row.echo_retry_stage is not None,
+        item_status=item.status, bridge_status=item.bridge_status, latest=row.latest,
+    )
+
+
+def figures(row: EchoRow, stage: JobStage) -> JobFigures:
+    return JobFigures(
+        job_id=row.job_id,
+        stage=stage,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        cost_usd=row.cost_usd,
+        tokens_in=row.tokens_in,
+        tokens_out=row.tokens_out,
+    )

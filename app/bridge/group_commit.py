@@ -1,0 +1,74 @@
+"""Group commit: requests pending at the same moment are served by one run.
+
+SQLite has one writer connection (`app.db.sqlite_writer`): the echoes of concurrent
+stage changes queue for it one unit of work after another, each paying for its own
+BEGIN, COMMIT and session.  `GroupCommit` lets the echoes that are waiting at the
+same moment share one: the first request starts a run in a task of its own; the run
+waits for the writer (`run(take)` calls `take()` once it holds it) and serves every
+request that arrived until then; requests that arrive meanwhile wait for the next
+run.  Each caller still awaits its own request until the run that served it has
+ended — its echo committed, or handled on its own after a failure (the `run`
+decides how; it must not raise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+R = TypeVar("R")
+logger = logging.getLogger(__name__)
+
+Take = Callable[[], list[R]]
+
+
+class GroupCommit(Generic[R]):
+    """Requests of type R served in runs of `run(take)`; see the module docstring."""
+
+    def __init__(self, run: Callable[[Take[R]], Awaitable[None]]) -> None:
+        self._run = run
+        self._pending: list[tuple[R, asyncio.Future[None]]] = []
+        self._taken: list[asyncio.Future[None]] = []
+        self._runner: asyncio.Task[None] | None = None
+        self.runs = 0  # runs so far (tests, diagnostics)
+        self.served = 0  # requests served so far
+
+    async def submit(self, request: R) -> None:
+        """Queue `request` and wait until a run has served it.  A cancelled caller
+        stops waiting; its request is served all the same."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((request, future))
+        if self._runner is None:
+            self._runner = asyncio.create_task(self._drain(), name="echo-group-commit")
+        await future
+
+    def _take(self) -> list[R]:
+        """The requests pending now; the caller's run serves them."""
+        taken, self._pending = self._pending, []
+        self._taken.extend(future for _, future in taken)
+        return [request for request, _ in taken]
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                self.runs += 1
+                try:
+                    await self._run(self._take)
+                except Exception:  # a run handles its failures; this is a bug's last stop
+                    logger.exception("a group commit run failed")
+                finally:
+                    if not self._taken:
+                        # A run always takes its requests, even to fail them one by one;
+                        # should one not, its callers are not kept waiting: their
+                        # echoes were not recorded, so the sweeper catches them up.
+                        logger.error("a group commit run did not take its requests")
+                        self._take()
+                    self.served += len(self._taken)
+                    for future in self._taken:
+                        if not future.done():
+                            future.set_result(None)
+                    self._taken = []
+        finally:
+            self._runner = None
