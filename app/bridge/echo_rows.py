@@ -167,29 +167,34 @@ async def _sqlite_rows(connection: AsyncConnection, keys: Sequence[EchoKey]) -> 
 async def echo_rows_unlocked(
     engine: AsyncEngine, product_id: str, job_ids: Sequence[int]
 ) -> list[EchoRow]:
-    """`echo_rows` without locks and outside any transaction: the statements run
-    straight on the driver of a pooled connection of `engine`, in the driver's
-    autocommit (a single statement reads one snapshot), with no BEGIN, no ROLLBACK and
-    no session — on SQLite all of them in one hop to the driver's thread, where a
-    read session takes six.  The engine's cursor listeners see the statements like
-    any other.  Driver errors are raised as the driver's (on SQLite as SQLAlchemy's
-    DBAPIError)."""
+    """`echo_rows_unlocked_on` a pooled connection of `engine`, for jobs of one product."""
     async with engine.connect() as connection:
-        if connection.dialect.name != "postgresql":
-            return await _sqlite_rows(connection, [(product_id, job_id) for job_id in job_ids])
-        sync = connection.sync_connection
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert sync is not None
-        assert driver is not None
-        fetched: list[Sequence[Any]] = []
-        for job_id in job_ids:
-            params = (product_id, job_id)
-            sync.dispatch.before_cursor_execute(sync, None, _PG_DRIVER_ROW_SQL, params, None,
-                                                False)
-            fetched.extend(await driver.fetch(_PG_DRIVER_ROW_SQL, *params))
-            sync.dispatch.after_cursor_execute(sync, None, _PG_DRIVER_ROW_SQL, params, None,
-                                               False)
-        return _converted(connection.dialect, fetched)
+        return await echo_rows_unlocked_on(
+            connection, [(product_id, job_id) for job_id in job_ids])
+
+
+async def echo_rows_unlocked_on(
+    connection: AsyncConnection, keys: Sequence[EchoKey]
+) -> list[EchoRow]:
+    """`echo_rows_of` without locks and outside any transaction: the statements run
+    straight on the driver of `connection` (one that has begun no transaction), in the
+    driver's autocommit (a single statement reads one snapshot), with no BEGIN, no
+    ROLLBACK and no session — on SQLite all of them in one hop to the driver's
+    thread, where a read session takes six.  The engine's cursor listeners see the
+    statements like any other.  Driver errors are raised as the driver's (on SQLite
+    as SQLAlchemy's DBAPIError)."""
+    if connection.dialect.name != "postgresql":
+        return await _sqlite_rows(connection, keys)
+    sync = connection.sync_connection
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert sync is not None
+    assert driver is not None
+    fetched: list[Sequence[Any]] = []
+    for params in keys:
+        sync.dispatch.before_cursor_execute(sync, None, _PG_DRIVER_ROW_SQL, params, None, False)
+        fetched.extend(await driver.fetch(_PG_DRIVER_ROW_SQL, *params))
+        sync.dispatch.after_cursor_execute(sync, None, _PG_DRIVER_ROW_SQL, params, None, False)
+    return _converted(connection.dialect, fetched)
 
 
 def _converted(dialect: Dialect, fetched: Sequence[Sequence[Any]]) -> list[EchoRow]:

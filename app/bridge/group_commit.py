@@ -4,9 +4,11 @@ SQLite has one writer connection (`app.db.sqlite_writer`): the echoes of concurr
 stage changes queue for it one unit of work after another, each paying for its own
 BEGIN, COMMIT and session.  `GroupCommit` lets the echoes that are waiting at the
 same moment share one: the first request starts a run in a task of its own; the run
-waits for the writer (`run(take)` calls `take()` once it holds it) and serves every
+waits for what it needs (the writer) and then calls `take()`, which hands it every
 request that arrived until then; requests that arrive meanwhile wait for the next
-run.  Each caller still awaits its own request until the run that served it has
+run.  A run may call `take()` again, for the requests that arrived since (an empty
+list: none); each call serves the requests the previous one took.  Each caller
+awaits its own request until it is served: when the run took the next ones or
 ended — its echo committed, or handled on its own after a failure (the `run`
 decides how; it must not raise).
 """
@@ -31,6 +33,7 @@ class GroupCommit(Generic[R]):
         self._run = run
         self._pending: list[tuple[R, asyncio.Future[None]]] = []
         self._taken: list[asyncio.Future[None]] = []
+        self._took = False
         self._runner: asyncio.Task[None] | None = None
         self.runs = 0  # runs so far (tests, diagnostics)
         self.served = 0  # requests served so far
@@ -45,30 +48,37 @@ class GroupCommit(Generic[R]):
         await future
 
     def _take(self) -> list[R]:
-        """The requests pending now; the caller's run serves them."""
+        """The requests pending now, for the calling run to serve; those it took
+        before are served."""
+        self._serve()
+        self._took = True
         taken, self._pending = self._pending, []
         self._taken.extend(future for _, future in taken)
         return [request for request, _ in taken]
+
+    def _serve(self) -> None:
+        self.served += len(self._taken)
+        for future in self._taken:
+            if not future.done():
+                future.set_result(None)
+        self._taken = []
 
     async def _drain(self) -> None:
         try:
             while self._pending:
                 self.runs += 1
+                self._took = False
                 try:
                     await self._run(self._take)
                 except Exception:  # a run handles its failures; this is a bug's last stop
                     logger.exception("a group commit run failed")
                 finally:
-                    if not self._taken:
+                    if not self._took:
                         # A run always takes its requests, even to fail them one by one;
                         # should one not, its callers are not kept waiting: their
                         # echoes were not recorded, so the sweeper catches them up.
                         logger.error("a group commit run did not take its requests")
                         self._take()
-                    self.served += len(self._taken)
-                    for future in self._taken:
-                        if not future.done():
-                            future.set_result(None)
-                    self._taken = []
+                    self._serve()
         finally:
             self._runner = None

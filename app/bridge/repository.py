@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge.echo_rows import JOBS, EchoKey, EchoRow, echo_rows, echo_rows_of
 from app.bridge.echo_rows import echo_rows_unlocked as echo_rows_unlocked
+from app.bridge.echo_rows import echo_rows_unlocked_on as echo_rows_unlocked_on
 from app.bridge.echo_rows import job_exists as job_exists
 from app.bridge.echo_writes import EchoRecord, record_echoes, write_bridge_status, write_onto_item
 from app.bridge.mapping import same_status_stages
@@ -20,8 +21,8 @@ from app.fleet.models import JobStage
 
 __all__ = [
     "EchoKey", "EchoRecord", "EchoRow", "echo_backlog", "echo_rows", "echo_rows_of",
-    "echo_rows_unlocked", "job_exists", "record_echoes", "write_bridge_status",
-    "write_onto_item",
+    "echo_rows_unlocked", "echo_rows_unlocked_on", "job_exists", "record_echoes",
+    "write_bridge_status", "write_onto_item",
 ]
 
 # -- the sweeper's backlog --------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -81,6 +81,8 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
+        # Unlocked reads pending at the same moment share one connection.
+        self.probes: GroupCommit[_Probe] = GroupCommit(self._probe_group)
         # SQLite: after-commit echoes waiting for the writer share its next unit of work.
         self.group_commit: GroupCommit[Echoes] | None = (
             GroupCommit(self._echo_group) if db.dialect == "sqlite" else None
@@ -218,25 +220,36 @@ class BridgeService:
         """The jobs among `job_ids` whose echo has nothing to write (`decide_echo`), found
         by one read without locks, so that a move within one item status (ASSIGNED →
         BUILDING) costs one statement and no write transaction.  Nothing is written for
-        them, not even on the job (see `mapping.echo_covered`).
+        them, not even on the job (see `mapping.echo_covered`).  The reads pending at
+        the same moment share one connection and, on SQLite, one hop (`probes`).
 
         Deciding on an unlocked read is safe because nothing is written: a concurrent
         change the read missed is one the echo ordered itself before, and a job whose
         stage moved on meanwhile gets its own echo from that move's commit.  When one
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
+        probe = _Probe(product_id, job_ids)
+        await self.probes.submit(probe)
+        return probe.done
+
+    async def _probe_group(self, take: Take[_Probe]) -> None:
+        """A run of unlocked reads (`_nothing_to_write`) on one pooled connection: the
+        probes pending now, then those that arrived meanwhile, until none is left."""
         try:
-            rows = await bridge_repository.echo_rows_unlocked(self.db.engine, product_id, job_ids)
+            async with self.db.engine.connect() as connection:
+                while probes := take():
+                    keys = list(dict.fromkeys(
+                        (probe.product_id, job_id) for probe in probes
+                        for job_id in probe.job_ids))
+                    rows = await bridge_repository.echo_rows_unlocked_on(connection, keys)
+                    found = {(row.product_id, row.job_id): row for row in rows}
+                    for probe in probes:
+                        probe.decide([found[key] for key in
+                                      ((probe.product_id, job_id) for job_id in probe.job_ids)
+                                      if key in found])
         except Exception:
-            logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
-            return set()
-        linked = {row.job_id for row in rows}
-        busy = {
-            row.item_id for row in rows
-            if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is not None
-        }
-        done = {job_id for job_id in job_ids if job_id not in linked}  # no item: no echo
-        return done | {row.job_id for row in rows if row.item_id not in busy}
+            logger.info("reading the echo state of jobs failed", exc_info=True)
+            take()  # those still waiting are echoed as usual
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
@@ -308,6 +321,27 @@ class BridgeService:
                 job.echo_retry_stage = stage or job.stage
         except Exception:
             logger.exception("could not schedule an echo retry for job %s", job_id)
+
+
+@dataclass(slots=True)
+class _Probe:
+    """One commit's jobs of one product whose moves stay within one item status, and
+    those among them whose echo has nothing to write (`BridgeService._nothing_to_write`)."""
+
+    product_id: str
+    job_ids: list[int]
+    done: set[int] = field(default_factory=set)
+
+    def decide(self, rows: Sequence[bridge_repository.EchoRow]) -> None:
+        """`done` from the rows read for `job_ids`: a job with no item, and the jobs of
+        items none of whose jobs here has anything to write."""
+        linked = {row.job_id for row in rows}
+        busy = {
+            row.item_id for row in rows
+            if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is not None
+        }
+        self.done = {job_id for job_id in self.job_ids if job_id not in linked} | {
+            row.job_id for row in rows if row.item_id not in busy}
 
 
 def _same_status_move(record: EventRecord) -> bool:
