@@ -44,8 +44,14 @@ class GroupCommit(Generic[R]):
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((request, future))
         if self._runner is None:
+            self._took = False
             self._runner = asyncio.create_task(self._drain(), name="echo-group-commit")
         await future
+
+    def waiting(self) -> bool:
+        """A run has started and not taken its requests yet: a request submitted now
+        joins it."""
+        return self._runner is not None and not self._took
 
     def _take(self) -> list[R]:
         """The requests pending now, for the calling run to serve; those it took

@@ -146,6 +146,12 @@ class BridgeService:
             if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
                 jobs = by_product.setdefault(r.product_id, {})
                 jobs[r.entity_id] = jobs.get(r.entity_id, True) and _same_status_move(r)
+        group = self.group_commit
+        if group is not None and group.waiting():
+            # A unit of work is waiting for the writer anyway: a move the item already
+            # shows costs it one more statement of its read, and writes nothing.
+            await group.submit([(product, list(jobs)) for product, jobs in by_product.items()])
+            return
         echoes: Echoes = []
         for product_id, jobs in by_product.items():
             job_ids = list(jobs)
@@ -155,8 +161,8 @@ class BridgeService:
                 job_ids = [job_id for job_id in job_ids if job_id not in done]
             if job_ids:
                 echoes.append((product_id, job_ids))
-        if echoes and self.group_commit is not None:
-            await self.group_commit.submit(echoes)
+        if echoes and group is not None:
+            await group.submit(echoes)
             return
         for product_id, job_ids in echoes:
             if len(job_ids) > 1 and await self._echo_together(product_id, job_ids):
