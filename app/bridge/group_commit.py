@@ -48,6 +48,11 @@ class GroupCommit(Generic[R]):
             self._runner = asyncio.create_task(self._drain(), name="echo-group-commit")
         await future
 
+    async def idle(self) -> None:
+        """Wait until no run is left (a shutdown)."""
+        while self._runner is not None:
+            await asyncio.shield(self._runner)
+
     def waiting(self) -> bool:
         """A run has started and not taken its requests yet: a request submitted now
         joins it."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
@@ -81,8 +81,10 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
-        # Unlocked reads pending at the same moment share one connection.
+        # Unlocked reads pending at the same moment share one read, on a connection
+        # the bridge keeps until `aclose`.
         self.probes: GroupCommit[_Probe] = GroupCommit(self._probe_group)
+        self._probe_connection: AsyncConnection | None = None
         # SQLite: after-commit echoes waiting for the writer share its next unit of work.
         self.group_commit: GroupCommit[Echoes] | None = (
             GroupCommit(self._echo_group) if db.dialect == "sqlite" else None
@@ -239,23 +241,43 @@ class BridgeService:
         return probe.done
 
     async def _probe_group(self, take: Take[_Probe]) -> None:
-        """A run of unlocked reads (`_nothing_to_write`) on one pooled connection: the
-        probes pending now, then those that arrived meanwhile, until none is left."""
+        """A run of unlocked reads (`_nothing_to_write`): the probes pending now, then
+        those that arrived meanwhile, until none is left, on the bridge's own pooled
+        connection (checked out at the first read, given back by `aclose`, replaced
+        after a failure)."""
         try:
-            async with self.db.engine.connect() as connection:
-                while probes := take():
-                    keys = list(dict.fromkeys(
-                        (probe.product_id, job_id) for probe in probes
-                        for job_id in probe.job_ids))
-                    rows = await bridge_repository.echo_rows_unlocked_on(connection, keys)
-                    found = {(row.product_id, row.job_id): row for row in rows}
-                    for probe in probes:
-                        probe.decide([found[key] for key in
-                                      ((probe.product_id, job_id) for job_id in probe.job_ids)
-                                      if key in found])
+            if self._probe_connection is None:
+                self._probe_connection = await self.db.engine.connect()
+            while probes := take():
+                keys = list(dict.fromkeys(
+                    (probe.product_id, job_id) for probe in probes for job_id in probe.job_ids))
+                rows = await bridge_repository.echo_rows_unlocked_on(self._probe_connection, keys)
+                found = {(row.product_id, row.job_id): row for row in rows}
+                for probe in probes:
+                    probe.decide([found[key] for key in
+                                  ((probe.product_id, job_id) for job_id in probe.job_ids)
+                                  if key in found])
         except Exception:
             logger.info("reading the echo state of jobs failed", exc_info=True)
+            await self._drop_probe_connection(invalidate=True)
             take()  # those still waiting are echoed as usual
+
+    async def _drop_probe_connection(self, *, invalidate: bool = False) -> None:
+        connection, self._probe_connection = self._probe_connection, None
+        if connection is None:
+            return
+        try:
+            await (connection.invalidate() if invalidate else connection.close())
+        except Exception:  # the connection is gone either way
+            logger.debug("closing the echo's read connection raised", exc_info=True)
+
+    async def aclose(self) -> None:
+        """Wait for the echoes under way, and give back the connection of the unlocked
+        reads (the runtime's stop)."""
+        if self.group_commit is not None:
+            await self.group_commit.idle()
+        await self.probes.idle()
+        await self._drop_probe_connection()
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
