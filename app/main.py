@@ -60,6 +60,7 @@ class Runtime:
         await self.loops.stop()
         await self.services.tokens.stop()
         await self.services.hub.stop()
+        await self.services.bridge.aclose()
         await self.services.db.dispose()
         await self.services.streams.db.dispose()
 
