@@ -48,6 +48,11 @@ class GroupCommit(Generic[R]):
             self._runner = asyncio.create_task(self._drain(), name="echo-group-commit")
         await future
 
+    @property
+    def pending(self) -> int:
+        """Requests waiting for a run to take them."""
+        return len(self._pending)
+
     async def idle(self) -> None:
         """Wait until no run is left (a shutdown)."""
         while self._runner is not None:
