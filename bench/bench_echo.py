@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_echo.py            # 300 jobs per store
     .venv/bin/python bench/bench_echo.py --jobs 100
+    .venv/bin/python bench/bench_echo.py --cycle 5  # the cycle, echo off / on, 5 rounds
 
 On a fresh SQLite file and (when it answers at FLEET_BENCH_PG) a fresh PostgreSQL
 database, migrated with the real migrations: N items are ingested as jobs and
@@ -16,6 +17,12 @@ commit hook calls) is run one commit at a time, with nothing else running, for
 Printed per echo: statements the engine's cursor listeners saw (on SQLite BEGIN
 included; on PostgreSQL asyncpg's BEGIN and COMMIT are not statements), and this
 process's CPU.  The cycle of bench/run.py has two moves and one end per job.
+
+`--cycle N` measures what the issue's target is about instead: bench/run.py's cycle
+(`cycle.service_cycle`, 10 claimers, claim → BUILDING → SHIPPED, `--jobs` jobs) with
+FLEET_TRACKER_ECHO off and on, back to back on fresh databases, N rounds per store,
+each round's on ÷ off of jobs/s and of CPU per job, and the medians.  Alternating
+keeps a shared machine's drift out of each round's ratio.
 """
 
 from __future__ import annotations
@@ -104,13 +111,51 @@ async def measure(url: str, jobs: int) -> dict[str, dict[str, float]]:
         await runtime.stop()
 
 
+def cycle_rounds(kind: str, scratch: Path, jobs: int, rounds: int) -> None:
+    """`rounds` rounds of the cycle with the echo off, then on; one line each."""
+    import statistics
+
+    from cycle import service_cycle
+
+    rates: list[float] = []
+    cpus: list[float] = []
+    for n in range(rounds):
+        figures = {}
+        for echo in (False, True):
+            store = fresh_store(kind, scratch)
+            if store is None:
+                print(f"{kind}: not reachable at {PG_DSN}, skipped")
+                return
+            try:
+                figures[echo] = asyncio.run(
+                    service_cycle(store.url, claimers=10, jobs=jobs, echo=echo))
+            finally:
+                drop_store(store)
+        off, on = figures[False], figures[True]
+        rates.append(on["per_s"] / off["per_s"])
+        cpus.append(off["cpu_ms"] / on["cpu_ms"])
+        print(f"{kind:<11} round {n + 1}: off {off['per_s']:6.1f} jobs/s {off['cpu_ms']:5.2f} ms"
+              f"  on {on['per_s']:6.1f} jobs/s {on['cpu_ms']:5.2f} ms  on/off {rates[-1]:.2f}"
+              f"  CPU off/on {cpus[-1]:.2f}", flush=True)
+    print(f"{kind:<11} median of {rounds}: jobs/s on/off {statistics.median(rates):.2f}"
+          f"  CPU per job off/on {statistics.median(cpus):.2f}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench/bench_echo.py",
                                      description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--cycle", type=int, default=0, metavar="ROUNDS",
+                        help="measure the cycle with the echo off and on, ROUNDS rounds")
+    parser.add_argument("--no-pg", action="store_true", help="SQLite only")
     args = parser.parse_args(argv)
+    kinds = ("sqlite",) if args.no_pg else ("sqlite", "postgresql")
     with tempfile.TemporaryDirectory(prefix="fleet-bench-echo-") as scratch:
-        for kind in ("sqlite", "postgresql"):
+        if args.cycle:
+            for kind in kinds:
+                cycle_rounds(kind, Path(scratch), args.jobs, args.cycle)
+            return
+        for kind in kinds:
             store = fresh_store(kind, Path(scratch))
             if store is None:
                 print(f"{kind}: not reachable at {PG_DSN}, skipped")
