@@ -32,23 +32,28 @@ T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], T]
 
 _Processor = Any  # a SQLAlchemy bind or result processor, or None
-_PROCESSORS: dict[tuple[int, int, str], _Processor] = {}
+# By (dialect name, type object, bind/result); the type is kept with its processor so
+# that an id is never taken for another type's.
+_PROCESSORS: dict[tuple[str, int, str], tuple[TypeEngine[Any], _Processor]] = {}
 
 
 def bind_processor(dialect: Dialect, type_: TypeEngine[Any]) -> _Processor:
     """SQLAlchemy's conversion of a parameter of `type_` for `dialect` (None: none)."""
-    key = (id(dialect), id(type_), "bind")
-    if key not in _PROCESSORS:
-        _PROCESSORS[key] = type_.dialect_impl(dialect).bind_processor(dialect)
-    return _PROCESSORS[key]
+    key = (dialect.name, id(type_), "bind")
+    found = _PROCESSORS.get(key)
+    if found is None or found[0] is not type_:
+        found = _PROCESSORS[key] = (type_, type_.dialect_impl(dialect).bind_processor(dialect))
+    return found[1]
 
 
 def result_processor(dialect: Dialect, type_: TypeEngine[Any]) -> _Processor:
     """SQLAlchemy's conversion of a result column of `type_` (None: none)."""
-    key = (id(dialect), id(type_), "result")
-    if key not in _PROCESSORS:
-        _PROCESSORS[key] = type_.dialect_impl(dialect).result_processor(dialect, None)
-    return _PROCESSORS[key]
+    key = (dialect.name, id(type_), "result")
+    found = _PROCESSORS.get(key)
+    if found is None or found[0] is not type_:
+        found = _PROCESSORS[key] = (
+            type_, type_.dialect_impl(dialect).result_processor(dialect, None))
+    return found[1]
 
 
 def bind(dialect: Dialect, params: Mapping[str, Any],

@@ -197,12 +197,18 @@ async def echo_rows_unlocked_on(
     return _converted(connection.dialect, fetched)
 
 
+_RESULTS: dict[str, tuple[Any, ...]] = {}  # by dialect name
+
+
 def _converted(dialect: Dialect, fetched: Sequence[Sequence[Any]]) -> list[EchoRow]:
     """Rows as the driver gave them, converted by SQLAlchemy's own conversions (enums,
     UTC datetimes, SQLite's 0/1 booleans); floats come back as floats from both
     drivers (asyncpg's float processor would want the column's type oid)."""
-    results = [None if isinstance(type_, Float) else result_processor(dialect, type_)
-               for _, _, type_ in _ROW_COLUMNS]
+    results = _RESULTS.get(dialect.name)
+    if results is None:
+        results = _RESULTS[dialect.name] = tuple(
+            None if isinstance(type_, Float) else result_processor(dialect, type_)
+            for _, _, type_ in _ROW_COLUMNS)
     return [
         EchoRow(*(value if process is None else process(value)
                   for process, value in zip(results, row, strict=True)))
