@@ -59,9 +59,9 @@ class GroupCommit(Generic[R]):
             await asyncio.shield(self._runner)
 
     def waiting(self) -> bool:
-        """A run has started and not taken its requests yet: a request submitted now
-        joins it."""
-        return self._runner is not None and not self._took
+        """A request submitted now adds no run: one has started and not taken its
+        requests yet, or requests already wait for the next run."""
+        return self._runner is not None and (not self._took or bool(self._pending))
 
     def _take(self) -> list[R]:
         """The requests pending now, for the calling run to serve; those it took
