@@ -81,14 +81,16 @@ class BridgeService:
         self.retry_max_seconds = retry_max_seconds
         # Called once per failed echo (app.metrics counts them).
         self.on_echo_failure: Callable[[], None] | None = None
-        # Unlocked reads pending at the same moment share one read, on a connection
-        # the bridge keeps until `aclose`.
-        self.probes: GroupCommit[_Probe] = GroupCommit(self._probe_group)
-        self._probe_connection: AsyncConnection | None = None
-        # SQLite: after-commit echoes waiting for the writer share its next unit of work.
+        # SQLite: after-commit echoes waiting for the writer share its next unit of
+        # work, and unlocked reads pending at the same moment one hop, on a connection
+        # the bridge keeps until `aclose`.  (PostgreSQL runs them side by side, each
+        # on a connection of its own: a shared one would queue their round trips.)
+        sqlite = db.dialect == "sqlite"
         self.group_commit: GroupCommit[Echoes] | None = (
-            GroupCommit(self._echo_group) if db.dialect == "sqlite" else None
-        )
+            GroupCommit(self._echo_group) if sqlite else None)
+        self.probes: GroupCommit[_Probe] | None = (
+            GroupCommit(self._probe_group) if sqlite else None)
+        self._probe_connection: AsyncConnection | None = None
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -228,8 +230,8 @@ class BridgeService:
         """The jobs among `job_ids` whose echo has nothing to write (`decide_echo`), found
         by one read without locks, so that a move within one item status (ASSIGNED →
         BUILDING) costs one statement and no write transaction.  Nothing is written for
-        them, not even on the job (see `mapping.echo_covered`).  The reads pending at
-        the same moment share one connection and, on SQLite, one hop (`probes`).
+        them, not even on the job (see `mapping.echo_covered`).  On SQLite the reads
+        pending at the same moment share one hop (`probes`).
 
         Deciding on an unlocked read is safe because nothing is written: a concurrent
         change the read missed is one the echo ordered itself before, and a job whose
@@ -237,7 +239,15 @@ class BridgeService:
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
         probe = _Probe(product_id, job_ids)
-        await self.probes.submit(probe)
+        if self.probes is not None:
+            await self.probes.submit(probe)
+            return probe.done
+        try:
+            rows = await bridge_repository.echo_rows_unlocked(self.db.engine, product_id, job_ids)
+        except Exception:
+            logger.info("reading the echo state of jobs %s failed", job_ids, exc_info=True)
+            return set()
+        probe.decide(rows)
         return probe.done
 
     async def _probe_group(self, take: Take[_Probe]) -> None:
@@ -274,9 +284,9 @@ class BridgeService:
     async def aclose(self) -> None:
         """Wait for the echoes under way, and give back the connection of the unlocked
         reads (the runtime's stop)."""
-        if self.group_commit is not None:
-            await self.group_commit.idle()
-        await self.probes.idle()
+        for group in (self.group_commit, self.probes):
+            if group is not None:
+                await group.idle()
         await self._drop_probe_connection()
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
