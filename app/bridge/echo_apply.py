@@ -7,9 +7,10 @@ that a fault can be injected.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge.echo_rows import EchoRow
@@ -27,6 +28,7 @@ from app.bridge.mapping import (
     item_status_for_stage,
 )
 from app.db import utcnow
+from app.errors import FleetError
 from app.fleet.models import JobStage
 from app.tracker.models import CommentKind, ItemStatus
 
@@ -154,3 +156,39 @@ def figures(row: EchoRow, stage: JobStage) -> JobFigures:
         tokens_in=row.tokens_in,
         tokens_out=row.tokens_out,
     )
+
+
+@dataclass(slots=True)
+class Probe:
+    """One commit's jobs of one product whose moves stay within one item status, and
+    those among them whose echo has nothing to write (`BridgeService._nothing_to_write`)."""
+
+    product_id: str
+    job_ids: list[int]
+    done: set[int] = field(default_factory=set)
+
+    def decide(self, rows: Sequence[EchoRow]) -> None:
+        """`done` from the rows read for `job_ids`: a job with no item, and the jobs of
+        items none of whose jobs here has anything to write."""
+        linked = {row.job_id for row in rows}
+        busy = {
+            row.item_id for row in rows
+            if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is not None
+        }
+        self.done = {job_id for job_id in self.job_ids if job_id not in linked} | {
+            row.job_id for row in rows if row.item_id not in busy}
+
+
+def echo_error(exc: Exception) -> str:
+    """What a client is told about a failed echo: our own errors' messages, otherwise
+    only the kind of failure, never a driver's exception class or text (the details
+    are logged)."""
+    if isinstance(exc, FleetError):
+        kind = exc.message
+    elif isinstance(exc, IntegrityError):
+        kind = "the write conflicted with stored data"
+    elif isinstance(exc, DBAPIError | OSError | TimeoutError):
+        kind = "the database was unavailable"
+    else:
+        kind = "an unexpected error"
+    return f"the item could not be updated ({kind}); the echo will be retried"

@@ -21,24 +21,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from app.bridge import repository as bridge_repository
 from app.bridge import steering
 from app.bridge.echo_apply import EchoTarget as EchoTarget
 from app.bridge.echo_apply import ItemEchoWriter as ItemEchoWriter
-from app.bridge.echo_apply import ItemSeen, apply_echoes, decide
+from app.bridge.echo_apply import Probe, apply_echoes, echo_error
 from app.bridge.echo_apply import write_status_and_comment as write_status_and_comment
 from app.bridge.group_commit import GroupCommit, Take
 from app.bridge.mapping import same_status_move
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
 from app.db import utcnow
-from app.errors import FleetError, NotFoundError
+from app.errors import NotFoundError
 from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.fleet import repository as fleet_repository
@@ -53,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 _JOB_EVENTS = frozenset({EventType.JOB_CREATED, EventType.JOB_STAGE_CHANGED})
 Echoes = list[tuple[str, list[int]]]  # (product, job ids) of one commit, in its order
+# Set in a group commit run's task (and so in the tasks it starts, such as its commit's
+# after-commit hook): an echo started from there never waits for the group itself.
+_IN_GROUP_RUN: ContextVar[bool] = ContextVar("fleet_echo_group_run", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +91,7 @@ class BridgeService:
         sqlite = db.dialect == "sqlite"
         self.group_commit: GroupCommit[Echoes] | None = (
             GroupCommit(self._echo_group) if sqlite else None)
-        self.probes: GroupCommit[_Probe] | None = (
+        self.probes: GroupCommit[Probe] | None = (
             GroupCommit(self._probe_group) if sqlite else None)
         self._probe_connection: AsyncConnection | None = None
 
@@ -150,7 +153,9 @@ class BridgeService:
             if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
                 jobs = by_product.setdefault(r.product_id, {})
                 jobs[r.entity_id] = jobs.get(r.entity_id, True) and _same_status_move(r)
-        group = self.group_commit
+        if not by_product:
+            return
+        group = None if _IN_GROUP_RUN.get() else self.group_commit
         if group is not None and group.waiting():
             # A unit of work is waiting for the writer anyway: a move the item already
             # shows costs it one more statement of its read, and writes nothing.
@@ -224,7 +229,7 @@ class BridgeService:
         if self.on_echo_failure is not None:
             self.on_echo_failure()
         await self._schedule_retry(product_id, job_id, attempted)
-        return EchoResult(echoed=None, error=_echo_error(exc), item=None)
+        return EchoResult(echoed=None, error=echo_error(exc), item=None)
 
     async def _nothing_to_write(self, product_id: str, job_ids: list[int]) -> set[int]:
         """The jobs among `job_ids` whose echo has nothing to write (`decide_echo`), found
@@ -238,7 +243,7 @@ class BridgeService:
         stage moved on meanwhile gets its own echo from that move's commit.  When one
         job of an item has something to write, all of that item's jobs are echoed
         under lock.  A failed read decides nothing (every job is echoed as usual)."""
-        probe = _Probe(product_id, job_ids)
+        probe = Probe(product_id, job_ids)
         if self.probes is not None:
             await self.probes.submit(probe)
             return probe.done
@@ -250,7 +255,7 @@ class BridgeService:
         probe.decide(rows)
         return probe.done
 
-    async def _probe_group(self, take: Take[_Probe]) -> None:
+    async def _probe_group(self, take: Take[Probe]) -> None:
         """A run of unlocked reads (`_nothing_to_write`): the probes pending now, then
         those that arrived meanwhile, until none is left, on the bridge's own pooled
         connection (checked out at the first read, given back by `aclose`, replaced
@@ -310,6 +315,7 @@ class BridgeService:
         written and each job is echoed on its own (`_echo_each`) — or, when it was
         one job's alone, that echo failed, as `_echo_one`'s would have."""
         keys: list[bridge_repository.EchoKey] | None = None
+        _IN_GROUP_RUN.set(True)  # this run's own commit must not wait for its group
         try:
             async with self.db.unit_of_work() as session:
                 await session.connection()  # the writer: echoes pending meanwhile join in
@@ -361,27 +367,6 @@ class BridgeService:
             logger.exception("could not schedule an echo retry for job %s", job_id)
 
 
-@dataclass(slots=True)
-class _Probe:
-    """One commit's jobs of one product whose moves stay within one item status, and
-    those among them whose echo has nothing to write (`BridgeService._nothing_to_write`)."""
-
-    product_id: str
-    job_ids: list[int]
-    done: set[int] = field(default_factory=set)
-
-    def decide(self, rows: Sequence[bridge_repository.EchoRow]) -> None:
-        """`done` from the rows read for `job_ids`: a job with no item, and the jobs of
-        items none of whose jobs here has anything to write."""
-        linked = {row.job_id for row in rows}
-        busy = {
-            row.item_id for row in rows
-            if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is not None
-        }
-        self.done = {job_id for job_id in self.job_ids if job_id not in linked} | {
-            row.job_id for row in rows if row.item_id not in busy}
-
-
 def _same_status_move(record: EventRecord) -> bool:
     """The event is a job's move within one item status (`mapping.same_status_move`)."""
     if record.type != EventType.JOB_STAGE_CHANGED or not record.from_state:
@@ -397,20 +382,3 @@ def _unique(requests: list[Echoes]) -> list[bridge_repository.EchoKey]:
     return list(dict.fromkeys(
         (product_id, job_id)
         for echoes in requests for product_id, job_ids in echoes for job_id in job_ids))
-
-
-def _echo_error(exc: Exception) -> str:
-    """What a client is told about a failed echo: our own errors' messages, otherwise
-    only the kind of failure, never a driver's exception class or text (the details
-    are logged)."""
-    if isinstance(exc, FleetError):
-        kind = exc.message
-    elif isinstance(exc, IntegrityError):
-        kind = "the write conflicted with stored data"
-    elif isinstance(exc, DBAPIError | OSError | TimeoutError):
-        kind = "the database was unavailable"
-    else:
-        kind = "an unexpected error"
-    return f"the item could not be updated ({kind}); the echo will be retried"
-
-

@@ -38,6 +38,7 @@ from tests.service.test_echo import (
     load_job,
     move,
     notes,
+    set_status,
     status_of,
     watch_commits,
 )
@@ -181,6 +182,29 @@ async def test_a_move_the_item_shows_rides_along_a_waiting_unit_of_work(start: A
         ItemStatus.IN_PROGRESS, 1)
     assert await status_of(rt, shipped.id) == ItemStatus.DONE
     assert await rt.loops.sweep_echoes_once() == 0
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+async def test_a_commit_with_nothing_to_echo_never_waits_for_a_group(start: Any) -> None:
+    """A commit without a tracker-linked job's stage change (an item's, a job without
+    an item) returns at once, even while a group commit run waits for the writer."""
+    rt: Runtime = await start(tracker_echo=True)
+    [shipped], _, kept = await shipped_without_echo(rt, 1)
+    other = await create(rt, "no job")
+    kept_item = await commits_without_echo(  # an item change: no job event at all
+        rt, [lambda: set_status(rt, other.id, ItemStatus.BLOCKED)])
+    bridge = rt.services.bridge
+    group = bridge.group_commit
+    assert group is not None
+    async with rt.services.db.unit_of_work() as holder:
+        await holder.connection()  # the writer is ours
+        echo = asyncio.create_task(bridge.echo_stage_changes(kept[0]))
+        await until(lambda: group.waiting() and group.pending == 1)
+        for records in (kept_item[0], []):  # while the run still waits
+            await asyncio.wait_for(bridge.echo_stage_changes(records), DEADLINE)
+        assert group.pending == 1
+    await asyncio.wait_for(echo, DEADLINE)
+    assert await status_of(rt, shipped.id) == ItemStatus.DONE
 
 
 async def test_postgres_keeps_a_unit_of_work_per_commits_echo(start: Any, store: str) -> None:
