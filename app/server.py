@@ -10,7 +10,8 @@ connection limits (DESIGN §8).  `fleetbridge serve` and the test servers use
 - A request head is at most 16 KiB (h11), a websocket message at most
   `FLEET_MAX_BODY_BYTES`; a websocket peer that stops answering pings (one every
   `FLEET_WS_PING_SECONDS`) for as long is dropped.
-- Websockets use uvicorn's `websockets-sansio` implementation, without
+- Websockets use uvicorn's `websockets-sansio` implementation (as
+  app.graphql.frames.FleetWebSocketProtocol, which the broadcast writes to), without
   permessage-deflate unless `FLEET_WS_PER_MESSAGE_DEFLATE` is on: compressing costs a
   zlib compressor and decompressor per connection (~40 KiB) and a compression of every
   frame for every subscriber, while event frames are a few hundred bytes.
@@ -34,6 +35,7 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from app.config import Settings
+from app.graphql.frames import FleetWebSocketProtocol
 
 MAX_HEAD_BYTES = 16 * 1024
 
@@ -87,7 +89,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
                     {"head_timeout": settings.http_read_timeout_seconds})
     return {
         "http": protocol,
-        "ws": "websockets-sansio",
+        "ws": FleetWebSocketProtocol,
         "timeout_keep_alive": settings.http_keep_alive_seconds,
         "h11_max_incomplete_event_size": MAX_HEAD_BYTES,
         "ws_max_size": settings.max_body_bytes,

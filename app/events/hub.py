@@ -20,6 +20,13 @@ the missing ones from the log once for every subscriber of this process.  Every
 it has delivered, so an event whose publishing never happened still arrives
 (issue 11 "no lost live event").  A hub read costs one query per product and batch,
 whatever the number of subscribers (issue 12 "fan-out that scales").
+
+Offering an event to S subscribers does not wake S tasks: a caught-up subscriber
+whose stream gave a fast path (app.events.subscriber, the broadcast of
+app.graphql.broadcast) has the event written to its connection by the hub, in a
+bounded share of each turn of the event loop (`TURN_BUDGET_SECONDS`), and its stream
+sleeps on; only what the fast path cannot deliver wakes a stream (`WAKE_CHUNK` per
+turn), so a request's next step waits behind at most one turn's share.
 """
 
 from __future__ import annotations
@@ -29,9 +36,8 @@ import contextlib
 import functools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 from sqlalchemy import select
 
@@ -39,6 +45,12 @@ from app.auth.models import Product
 from app.events import repository
 from app.events.outbox import EventRecord
 from app.events.retry import with_retry
+from app.events.subscriber import (
+    SLOW,
+    WAIT,
+    Gate,
+    Subscriber,
+)
 from app.tasks import cancel_and_wait
 from app.uow import Database
 
@@ -47,65 +59,12 @@ logger = logging.getLogger(__name__)
 CATCH_UP_BATCH = 500
 
 
-# A gate holds a subscriber's wake-up for an event until something it will need for
-# it is ready (the event's entity being read, app.events.entities): (record) → a
-# future to wait for, or None.
-Gate = Callable[[EventRecord], "asyncio.Future[Any] | None"]
-
 # Subscribers woken per turn of the event loop: a request's next step waits for at
 # most this many deliveries, not for the whole fan-out of an event.
 WAKE_CHUNK = 32
-
-
-class Subscriber:
-    """One stream's place at the hub: its queue of live events and its wake-up."""
-
-    __slots__ = ("_queue", "_waiter", "gate", "max_queue", "overflowed", "product_id")
-
-    def __init__(self, product_id: str, max_queue: int, gate: Gate | None = None) -> None:
-        self.product_id = product_id
-        self.max_queue = max_queue
-        self.gate = gate
-        self._queue: deque[EventRecord] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self.overflowed = False
-
-    def offer(self, record: EventRecord) -> bool:
-        """Queue `record`; True when the subscriber should be woken for it.  A full
-        queue is dropped and the subscriber flagged `overflowed` (it reads the log)."""
-        if self.overflowed:
-            return False
-        if len(self._queue) >= self.max_queue:
-            self.overflowed = True
-            self._queue.clear()
-        else:
-            self._queue.append(record)
-        return True
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def queued(self) -> int:
-        return len(self._queue)
-
-    async def next_batch(self) -> list[EventRecord]:
-        """Wait for news; return what is queued (empty when the queue overflowed)."""
-        while not self._queue and not self.overflowed:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        batch = list(self._queue)
-        self._queue.clear()
-        return batch
-
-    def recover(self) -> None:
-        """Called by the stream after it caught up from the log."""
-        self.overflowed = False
-
+# And at most about this long (seconds) of broadcast writes per turn (`FastPath`).
+TURN_BUDGET_SECONDS = 0.001
+_BUDGET_CHECK_EVERY = 16
 
 class LocalHub:
     """In-process fan-out, per product.
@@ -120,7 +79,12 @@ class LocalHub:
         self.max_queue = max_queue
         self._subscribers: dict[str, dict[Gate | None, set[Subscriber]]] = {}
         self._to_wake: deque[Subscriber] = deque()
+        self._retry: list[Subscriber] = []
         self._waking = False
+        # Observable counters (tests, benchmark): subscribers handed to their fast path
+        # (broadcast) and stream wake-ups.
+        self.fast_passes = 0
+        self.wakeups = 0
 
     async def start(self) -> None:
         return None
@@ -166,11 +130,34 @@ class LocalHub:
             asyncio.get_running_loop().call_soon(self._wake_some)
 
     def _wake_some(self) -> None:
-        wake = self._to_wake
-        for _ in range(min(WAKE_CHUNK, len(wake))):
-            wake.popleft().wake()
-        if wake:
-            asyncio.get_running_loop().call_soon(self._wake_some)
+        """One turn's share of the fan-out: subscribers with a fast path get their
+        events from it (for about TURN_BUDGET_SECONDS), the others — and those the
+        fast path cannot serve — are woken, at most WAKE_CHUNK of them; the rest wait
+        for the next turn, so a request's next step never waits for a whole event."""
+        loop = asyncio.get_running_loop()
+        retry, self._retry = self._retry, []
+        for subscriber in retry:  # answered WAIT last turn: this time it is final
+            if subscriber.deliver_fast(True) == SLOW:
+                subscriber.wake()
+                self.wakeups += 1
+        wake, woken, passes, spent = self._to_wake, 0, 0, False
+        deadline = loop.time() + TURN_BUDGET_SECONDS
+        while wake and woken < WAKE_CHUNK and not spent:
+            subscriber = wake.popleft()
+            outcome = SLOW
+            if subscriber.fast is not None:
+                passes += 1
+                outcome = subscriber.deliver_fast(False)
+                spent = passes % _BUDGET_CHECK_EVERY == 0 and loop.time() >= deadline
+            if outcome == SLOW:
+                subscriber.wake()
+                woken += 1
+            elif outcome == WAIT:
+                self._retry.append(subscriber)
+        self.fast_passes += passes
+        self.wakeups += woken
+        if wake or self._retry:
+            loop.call_soon(self._wake_some)
         else:
             self._waking = False
 

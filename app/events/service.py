@@ -27,10 +27,11 @@ from typing import Any
 
 from app.errors import BadUserInputError
 from app.events import repository
-from app.events.hub import Gate, LocalHub
+from app.events.hub import LocalHub
 from app.events.models import EventType
 from app.events.outbox import EventRecord, decode_event_cursor
 from app.events.retry import with_retry
+from app.events.subscriber import FastPath, Gate
 from app.uow import Database
 
 DEFAULT_RETRY_SECONDS = 30.0
@@ -113,6 +114,7 @@ class EventStreams:
     async def stream(
         self, product_id: str, event_filter: EventFilter, after: str | None = None,
         on_ready: Callable[[], None] | None = None, gate: Gate | None = None,
+        fast: FastPath | None = None,
     ) -> AsyncGenerator[EventRecord, None]:
         """The product's events after `after` (or from now) that match the filter.
 
@@ -121,6 +123,9 @@ class EventStreams:
         `gate` (app.events.hub) holds the stream's wake-up for a live event that
         matches the filter until what it returns is done (one object for all streams
         that use it, such as `EntityReader.prefetcher(kind)`).
+        `fast` (app.events.hub.FastPath) delivers the live events that match the
+        filter while the stream is caught up, without waking it (the broadcast,
+        app.graphql.broadcast); the stream resumes after the last one it delivered.
         """
         hub_gate = FilteredGate(gate, event_filter) if gate is not None else None
         async with self.hub.subscribe(product_id, hub_gate) as subscriber:
@@ -132,6 +137,7 @@ class EventStreams:
             # Inline rather than a generator of its own: this loop runs once per
             # subscriber and event, and each layer of async generators costs.
             matches = event_filter.matches
+            subscriber.fast, subscriber.matches = fast, matches
             last = start
             read_to_head = replay  # the replay first; later, after the queue overflowed
             while True:
@@ -140,7 +146,9 @@ class EventStreams:
                         last = record.seq
                         if matches(record):
                             yield record
+                subscriber.last = last  # parked: the fast path continues from here
                 batch = await subscriber.next_batch()
+                last = subscriber.last if subscriber.last is not None else last
                 read_to_head = subscriber.overflowed
                 if read_to_head:
                     subscriber.recover()

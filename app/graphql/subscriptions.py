@@ -29,6 +29,7 @@ from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.events.retry import with_retry
 from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
+from app.graphql.broadcast import broadcast
 from app.graphql.context import Context
 from app.graphql.delivery import direct_sender
 from app.graphql.ids import parse_id
@@ -72,7 +73,8 @@ async def _events(
     (None otherwise): the hub starts its read as it offers the event, and wakes the
     stream once it is there.  An event whose result for this subscription is shared
     and encoded already goes straight to the websocket from here (in order, like the
-    rest), the others on to graphql-core (app.graphql.delivery)."""
+    rest), the others on to graphql-core (app.graphql.delivery).  Once it is caught
+    up, the hub writes its shared frames without waking it (app.graphql.broadcast)."""
     principal = info.context.require(Permission.READ)
     event_filter = filter_for(types, _entity_filter(id_field, entity_id))
     services = info.context.services
@@ -81,7 +83,9 @@ async def _events(
                                          services.settings.max_subscriptions_per_token)
     entities, payloads, direct = services.entities, services.deliveries, direct_sender()
     gate = entities.prefetcher(kind) if wants_entity else None
-    stream = services.streams.stream(principal.product_id, event_filter, after, gate=gate)
+    fast = broadcast(direct, entities, payloads, kind if wants_entity else None, build)
+    stream = services.streams.stream(principal.product_id, event_filter, after, gate=gate,
+                                     fast=fast)
     with quota:  # per-token live subscriptions (DESIGN §8)
         async with aclosing(stream):  # leave the hub as soon as the client goes
             async for record in stream:
