@@ -25,7 +25,9 @@ Measured per scenario:
 * RSS per subscriber: the serving process's RSS growth from before the first
   subscriber to after all are live, / S;
 * server CPU per delivery: user+system CPU of the delivering process(es) over the
-  mutation and drain phase / events delivered (it includes serving the mutations);
+  mutation and drain phase / events delivered (it includes serving the mutations,
+  not the closing of the connections: clients close only once every subscriber has
+  counted, so that teardown never overlaps the deliveries measured);
 * mutation latency during fan-out: p50/p99 of the submit round trips;
 * request latency during fan-out: p50 of `{ __typename }` round trips to the
   delivering process, ten a second (what the event loop's latency adds to anything).
@@ -348,9 +350,10 @@ AT_FIELD = re.compile(rb'"at":"([^"]+)"')
 
 async def _subscribers(
     ws_url: str, token: str, count: int, after: str, expected: int, ready: Any,
-    start: Any, drain_seconds: float,
+    start: Any, drain_seconds: float, close_go: Any,
 ) -> dict[str, Any]:
     latencies: list[float] = []
+    worst: dict[int, float] = {}  # per event (sequence): the slowest delivery, ms
     received = 0
     out_of_order = 0
     errors = 0
@@ -358,6 +361,9 @@ async def _subscribers(
     live = 0
     all_live = asyncio.Event()
     first_seen = [asyncio.Event() for _ in range(count)]
+    counted = [asyncio.Event() for _ in range(count)]  # done, or past the deadline
+    close_all = asyncio.Event()  # every client process has counted: close the sockets
+    deadline: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     failures: list[str] = []
     timing = False  # set when the run starts: the probe event is not timed
 
@@ -375,6 +381,7 @@ async def _subscribers(
             failed(repr(exc))
         finally:
             first_seen[index].set()  # a subscriber that failed does not hold the run up
+            counted[index].set()
             if not all_live.is_set():
                 live += 1
                 if live >= count:
@@ -405,7 +412,10 @@ async def _subscribers(
                     first_seen[index].set()
                 elif timing:
                     when = datetime.fromisoformat(at.group(1).decode()).timestamp()
-                    latencies.append((now - when) * 1000.0)
+                    latency = (now - when) * 1000.0
+                    latencies.append(latency)
+                    if latency > worst.get(seq, 0.0):
+                        worst[seq] = latency
                 if state.got >= expected and not done.done():
                     done.set_result(None)
                 return
@@ -440,13 +450,18 @@ async def _subscribers(
             seen.cancel()
             if socket.closed.done():
                 socket.closed.result()  # raises: the connection was lost
-            await start.wait()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(done), drain_seconds)
+            # Armed before the run starts (nothing to do per subscriber when it does):
+            # everything arrived, the drain deadline passed, or the connection was lost.
+            await asyncio.wait([done, deadline, socket.closed],
+                               return_when=asyncio.FIRST_COMPLETED)
             if socket.closed.done() and not done.done():
                 socket.closed.result()
         finally:
             state.counting = False
+            counted[index].set()
+            # Sockets close only once every subscriber everywhere has counted: a mass
+            # close is the server's work too, and would delay the deliveries measured.
+            await close_all.wait()
             socket.close()
 
     tasks = [asyncio.create_task(one(i)) for i in range(count)]
@@ -459,8 +474,15 @@ async def _subscribers(
     ready.put(("probed", None))
     await start.wait()
     timing = True
+    asyncio.get_running_loop().call_later(
+        drain_seconds, lambda: deadline.done() or deadline.set_result(None))
+    await asyncio.gather(*(event.wait() for event in counted))
+    ready.put(("counted", None))
+    await asyncio.get_running_loop().run_in_executor(None, close_go.wait)
+    close_all.set()
     await asyncio.gather(*tasks, return_exceptions=True)
-    return {"latencies": latencies, "received": received, "out_of_order": out_of_order,
+    return {"latencies": latencies, "worst": worst, "received": received,
+            "out_of_order": out_of_order,
             "errors": errors, "failures": failures}
 
 
@@ -469,7 +491,8 @@ def _b64(cursor: str) -> str:
 
 
 def _client_main(ws_url: str, token: str, count: int, after: str, expected: int,
-                 ready: Any, go: Any, results: Any, drain_seconds: float) -> None:
+                 ready: Any, go: Any, results: Any, drain_seconds: float,
+                 close_go: Any) -> None:
     async def main() -> dict[str, Any]:
         start = asyncio.Event()
 
@@ -480,7 +503,7 @@ def _client_main(ws_url: str, token: str, count: int, after: str, expected: int,
         waiter = asyncio.create_task(wait_go())
         try:
             return await _subscribers(ws_url, token, count, after, expected, ready, start,
-                                      drain_seconds)
+                                      drain_seconds, close_go)
         finally:
             waiter.cancel()
 
@@ -491,6 +514,7 @@ def _client_main(ws_url: str, token: str, count: int, after: str, expected: int,
                    "failure": repr(exc)}
         ready.put(("live", None))
         ready.put(("probed", None))
+        ready.put(("counted", None))
     results.put(outcome)
 
 
@@ -569,7 +593,7 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         after = cursor["data"]["viewer"]["eventCursor"]
         rss_before = proc_rss_kib(delivering.pid)
         ctx = mp.get_context("spawn")
-        ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+        ready, results, go, close_go = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
         processes = min(max(CLIENT_PROCESSES, -(-scenario.subscribers // SUBSCRIBERS_PER_CLIENT)),
                         scenario.subscribers)
         shares = [scenario.subscribers // processes + (i < scenario.subscribers % processes)
@@ -577,7 +601,7 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         expected = scenario.changes + 1
         clients = [ctx.Process(target=_client_main, args=(
             delivering.ws_url, token, share, after, expected, ready, go, results,
-            drain_seconds + scenario.changes / scenario.rate,
+            drain_seconds + scenario.changes / scenario.rate, close_go,
         )) for share in shares]
         loop = asyncio.get_running_loop()
         began = time.monotonic()
@@ -635,9 +659,12 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
             pending.append(asyncio.create_task(submit(n)))
         mutation_ms = list(await asyncio.gather(*pending))
         probing.cancel()
-        outcomes = [await loop.run_in_executor(None, results.get, True, 900) for _ in clients]
+        for _ in clients:  # every subscriber got everything, or the deadline passed
+            await loop.run_in_executor(None, ready.get, True, 900)
         cpu_delivering = proc_cpu_seconds(delivering.pid) - cpu_delivering_before
         cpu_all = sum(proc_cpu_seconds(s.pid) for s in servers) - cpu_before
+        close_go.set()
+        outcomes = [await loop.run_in_executor(None, results.get, True, 900) for _ in clients]
         for client in clients:
             client.join(timeout=30)
     latencies = [value for outcome in outcomes for value in outcome["latencies"]]
@@ -651,6 +678,15 @@ async def _drive(scenario: Scenario, servers: list[Server], token: str, tmp: Pat
         for failure in [*outcome.get("failures", []), outcome.get("failure")]:
             if failure and len(result.notes) < 8:
                 result.notes.append(f"subscriber: {failure}")
+    worst: dict[int, float] = {}
+    for outcome in outcomes:
+        for seq, latency in outcome.get("worst", {}).items():
+            worst[seq] = max(worst.get(seq, 0.0), latency)
+    if worst:  # which events were slow: one burst, or all of them
+        first = min(worst)
+        slowest = sorted(worst.items(), key=lambda item: -item[1])[:3]
+        result.notes.append("slowest events (n-th timed: max ms): " + ", ".join(
+            f"{seq - first + 1}: {latency:.0f}" for seq, latency in slowest))
     result.delivery_p50_ms = percentile(latencies, 0.50)
     result.delivery_p99_ms = percentile(latencies, 0.99)
     result.delivery_max_ms = percentile(latencies, 1.0)
