@@ -27,8 +27,13 @@ any gap from the log.  Sequences are per product, gap-free and in commit order, 
 cursors are identical on every instance.
 
 An instance hears its own wake-ups too, at its commit and usually a moment before it
-publishes the same events locally; so a wake-up reads the log only if, after
+publishes the same events locally; so a wake-up for a product this instance has
+published events of in the last `LOCAL_WINDOW_SECONDS` reads the log only if, after
 `WAKEUP_GRACE_SECONDS` (10 ms), its sequence is still beyond what was delivered here.
+A wake-up for a product nobody commits to here (the usual case for an instance that
+serves subscribers while others take the mutations) reads the log at once: the grace
+would only add to every cross-instance delivery (issue 12).  Guessing wrong costs one
+read of the log (what it brings was delivered already and is dropped), never an event.
 
 Fault seam: `on_wakeup(product_id, seq)` handles each wake-up heard; tests replace
 it to drop notifications.
@@ -58,6 +63,8 @@ RECONNECT_MAX_SECONDS = 5.0
 # at its commit, usually just before it publishes the same events locally, which
 # then makes the read unnecessary.
 WAKEUP_GRACE_SECONDS = 0.01
+# Local publishes of a product this recent make its wake-ups wait for the grace.
+LOCAL_WINDOW_SECONDS = 1.0
 
 
 def listen_dsn(database_url: str) -> str:
@@ -95,6 +102,8 @@ class PostgresHub(LogHub):
         self._connection_lost: asyncio.Event | None = None
         # Other channels heard on the same connection (see `listen`).
         self._channels: dict[str, Callable[[str], None]] = {}
+        # When this instance last published each product's events (loop time).
+        self._published_at: dict[str, float] = {}
         # Observable counters (logs, tests): listening connections opened, wake-ups received.
         self.connections_opened = 0
         self.notifications_received = 0
@@ -137,6 +146,11 @@ class PostgresHub(LogHub):
     async def publish(self, records: Sequence[EventRecord]) -> None:
         """Deliver committed records here; the other instances were woken by the
         NOTIFY their own statement sent when it committed (app.events.outbox)."""
+        if records:
+            now = asyncio.get_running_loop().time()
+            for record in records:
+                if record.product_id in self._delivered:  # subscribed here
+                    self._published_at[record.product_id] = now
         self.deliver(records)
 
     # -- listening -------------------------------------------------------------
@@ -213,12 +227,17 @@ class PostgresHub(LogHub):
         self.on_wakeup(*wakeup)
 
     def wake_for(self, product_id: str, seq: int) -> None:
-        """Read the log of `product_id` if `seq` is still beyond what was delivered
-        here after `WAKEUP_GRACE_SECONDS`."""
-        if self._behind(product_id, seq):
-            asyncio.get_running_loop().call_later(
-                WAKEUP_GRACE_SECONDS, self._catch_up_if_behind, product_id, seq
-            )
+        """Read the log of `product_id` if `seq` is beyond what was delivered here:
+        at once when this instance has not published the product's events lately,
+        otherwise if it still is after `WAKEUP_GRACE_SECONDS` (module docstring)."""
+        if not self._behind(product_id, seq):
+            return
+        loop = asyncio.get_running_loop()
+        published = self._published_at.get(product_id)
+        if published is None or loop.time() - published > LOCAL_WINDOW_SECONDS:
+            self._request_catch_up([product_id])
+            return
+        loop.call_later(WAKEUP_GRACE_SECONDS, self._catch_up_if_behind, product_id, seq)
 
     def _catch_up_if_behind(self, product_id: str, seq: int) -> None:
         if self._behind(product_id, seq):

@@ -40,7 +40,7 @@ from app.events.entities import EntityReader, Kind
 from app.events.outbox import EventRecord
 from app.events.subscriber import DONE, HELD, SLOW, WAIT
 from app.graphql.delivery import DirectSender
-from app.graphql.sharing import SharedResults, Standing
+from app.graphql.sharing import SharedData, SharedResults, Standing
 
 
 class Broadcast:
@@ -64,20 +64,27 @@ class Broadcast:
         shared, key, wire = sender.shared, sender.share_key, sender.wire
         if shared is None or key is None or wire is None or not sender.open():
             return SLOW
-        row = None
-        if self.kind is not None:
-            read = self.entities.peek(self.kind, record)
-            if read is None:
-                return SLOW
-            if not read.done():
-                return HELD
-            if read.cancelled() or read.exception() is not None:
-                return SLOW
-            row = read.result()
-        build = self.build
-        payload = self.payloads.payload((build, record.product_id, record.seq), build,
-                                        record, row)
-        standing, data = shared.standing(key, payload)
+        latest = shared.latest.get(key)
+        if latest is not None and latest[0] is record:  # another subscriber's, this turn
+            data: SharedData | None = latest[1]
+            standing = Standing.READY
+        else:
+            row = None
+            if self.kind is not None:
+                read = self.entities.peek(self.kind, record)
+                if read is None:
+                    return SLOW
+                if not read.done():
+                    return HELD
+                if read.cancelled() or read.exception() is not None:
+                    return SLOW
+                row = read.result()
+            build = self.build
+            payload = self.payloads.payload((build, record.product_id, record.seq), build,
+                                            record, row)
+            standing, data = shared.standing(key, payload)
+            if data is not None:
+                shared.remember(key, record, data)
         if data is not None:
             frame = sender.frame_bytes(data)
             if frame is None:

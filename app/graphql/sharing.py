@@ -207,6 +207,8 @@ class SharedResults:
         self._results: OrderedDict[tuple[Hashable, int], _Entry] = OrderedDict()
         self._keys: OrderedDict[Hashable, Hashable] = OrderedDict()
         self._leaders: OrderedDict[tuple[Hashable, int], object] = OrderedDict()
+        # Per share key, the latest event broadcast and its shared data (`remember`).
+        self.latest: dict[Hashable, tuple[object, SharedData]] = {}
         self.executions = 0
         self.shared = 0
         self.unshared = 0
@@ -298,6 +300,15 @@ class SharedResults:
         if entry.future is not None:
             return Standing.RUNNING, None
         return Standing.UNSHARED, None
+
+    def remember(self, key: Hashable, event: object, data: SharedData) -> None:
+        """Keep `data` as share key `key`'s result of `event` (the hub's record object,
+        the same for every subscriber of it), so that the broadcast finds it for the
+        next subscriber with one lookup (`latest`).  Bounded like the other caches."""
+        latest = self.latest
+        if key not in latest and len(latest) >= self.max_entries:
+            latest.clear()
+        latest[key] = (event, data)
 
     def lead(self, key: Hashable, payload: object) -> bool:
         """True for the first caller per (`key`, `payload`): it is to execute the

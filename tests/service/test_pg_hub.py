@@ -243,3 +243,28 @@ def test_wakeup_payload_and_dsn() -> None:
     assert decode_wakeup("garbage") is None
     assert decode_wakeup("acme:-1") is None
     assert listen_dsn("postgresql+asyncpg://u:p@h:5/db") == "postgresql://u:p@h:5/db"
+
+
+@postgres_only
+async def test_a_wake_up_reads_at_once_unless_this_instance_publishes_the_product(
+    make_runtime, make_token, watch
+):
+    await make_token("acme", Role.MEMBER)
+    instance_a = await make_runtime(hub_poll_seconds=QUIET)
+    instance_b = await make_runtime(hub_poll_seconds=QUIET)
+    on_a, on_b = await watch(instance_a), await watch(instance_b)
+    await submit(instance_a, "acme", "made on A")  # A publishes acme's events itself
+    await on_a.take(1)
+    await on_b.take(1)
+    hub_a, hub_b = hub_of(instance_a), hub_of(instance_b)
+    ahead = (hub_b.delivered("acme") or 0) + 1
+    assert hub_a.delivered("acme") == ahead - 1
+
+    # B commits nothing to acme: a wake-up is another instance's, read at once
+    # (no grace to wait out on every cross-instance delivery).
+    hub_b.wake_for("acme", ahead)
+    assert "acme" in hub_b._pending
+    # A published acme's events a moment ago: its wake-up may be its own commit's,
+    # whose events it is about to publish itself, so it waits for the grace first.
+    hub_a.wake_for("acme", ahead)
+    assert "acme" not in hub_a._pending
