@@ -13,16 +13,10 @@ from graphql import ExecutionResult, GraphQLError, OperationDefinitionNode, pars
 from graphql.language import FragmentDefinitionNode
 from starlette.websockets import WebSocketDisconnect
 
-from app.graphql.delivery import (
-    _DATA,
-    _NEXT,
-    DirectSender,
-    SharedData,
-    SharedResults,
-    SubscriberGone,
-    event_variables,
-    share_key,
-)
+from app.graphql.delivery import DirectSender, SubscriberGone
+from app.graphql.frames import DATA as _DATA
+from app.graphql.frames import NEXT as _NEXT
+from app.graphql.sharing import SharedData, SharedResults, event_variables, share_key
 
 
 def used(document: str) -> frozenset[str]:
