@@ -211,7 +211,11 @@ async def test_subscriptions_to_another_products_ids_see_nothing(world, make_tok
                                                      jobId=victim.ids["claimed_job"]),
             "itemStatusChanged": await rival.subscribe(ITEM_EVENTS, itemId=victim.ids["item"]),
         }
-        everything = await rival.subscribe(ITEM_EVENTS)
+        # From the rival's own cursor, not "from now": a subscribe is not acknowledged,
+        # so under load it could start after the rival's change below and miss it.
+        rival_cursor = (await world["rival"][Role.MEMBER].data(
+            "{ viewer { eventCursor } }"))["viewer"]["eventCursor"]
+        everything = await rival.subscribe(ITEM_EVENTS, after=rival_cursor)
         replayed = await rival.subscribe(JOB_EVENTS, after=cursor)  # a victim's cursor
         assert set(aimed) == set(SUBSCRIPTION_CASES)
         # the victim changes what the rival aimed at…
