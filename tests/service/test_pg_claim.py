@@ -127,7 +127,9 @@ async def submit_many(runtime: Runtime, count: int) -> list[int]:
         ]
 
 
-async def test_concurrent_claimers_on_two_instances_never_share_a_job(make_runtime, make_token):
+async def test_concurrent_claimers_on_two_instances_never_share_a_job(
+    store, make_runtime, make_token
+):
     await make_token("acme", Role.WORKER)
     instances = [await make_runtime(), await make_runtime()]
     job_ids = await submit_many(instances[0], 60)
@@ -153,7 +155,11 @@ async def test_concurrent_claimers_on_two_instances_never_share_a_job(make_runti
     await asyncio.wait_for(asyncio.gather(*(claimer(i) for i in range(12))), 60)
     assert duplicates == []
     assert sorted(claimed) == sorted(job_ids)
-    assert min(per_instance) > 0
+    if store == "postgres":  # SKIP LOCKED: both instances' claimers get work
+        assert min(per_instance) > 0
+    # On SQLite one instance may make every claim: its writer hands the file's write
+    # lock from claimer to claimer while the other instance's connection sleeps in
+    # SQLite's busy handler; SQLite promises no fairness between processes.
     async with instances[1].services.db.read() as session:
         rows = (await session.execute(select(Job))).scalars().all()
     assert {(job.stage, job.attempts, job.lease_fence) for job in rows} == {
