@@ -103,7 +103,7 @@ CandidateSource = Callable[[AsyncSession, str, WorkerProfile, datetime], Awaitab
 class FleetService:
     """`candidates` finds the jobs the scheduler chooses among when a worker claims;
     by default (None) the claim reads the head of each priority's queue in one
-    statement (`cycle.claim_heads`).  The benchmark swaps in a naive source
+    statement (`cycle.claim_job`).  The benchmark swaps in a naive source
     (`repository.claim_candidates` is the same choice through the ORM)."""
 
     def __init__(
@@ -225,22 +225,19 @@ class FleetService:
         fence + 1, lease of `lease_seconds` or the policy's) and appends its event.
         `now` (aware UTC) replaces the clock (tests).
         """
+        seconds = lease_seconds or self.policy.lease_seconds
         if self.candidates is None:
-            heads, read_at = await cycle.claim_heads(session, product_id, worker, now)
-            if read_at is None:
-                return None
-            now = read_at
-        else:
-            now = now or await self._clock(session)
-            heads = [repository.to_candidate(job)
-                     for job in await self.candidates(session, product_id, worker, now)]
+            return await cycle.claim_job(session, product_id, worker, now=now,
+                                         lease_seconds=seconds,
+                                         aging_seconds=self.policy.aging_seconds)
+        now = now or await self._clock(session)
+        heads = [repository.to_candidate(job)
+                 for job in await self.candidates(session, product_id, worker, now)]
         chosen = select_job(heads, worker, now, self.policy.aging_seconds)
         if chosen is None:
             return None
-        return await cycle.assign(
-            session, product_id, chosen.id, worker.worker_id, now=now,
-            lease_seconds=lease_seconds or self.policy.lease_seconds,
-        )
+        return await cycle.assign(session, product_id, chosen.id, worker.worker_id, now=now,
+                                  lease_seconds=seconds)
 
     async def heartbeat(
         self, session: AsyncSession, product_id: str, job_id: int, fence: int,

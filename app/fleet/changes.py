@@ -1,0 +1,131 @@
+"""A job change and its event, in as few round trips as each store allows.
+
+Events (DESIGN §5): on PostgreSQL the job UPDATE, the bump of the product's
+`last_event_seq`, the event row and the NOTIFY are one statement
+(`pg_with_event`, on `app.events.outbox.pg_append_event_ctes`); the product row
+stays locked until commit, as with `record_event`, so sequences stay gap-free and in
+commit order.  In a unit of work of one call (`app.lone`) that statement is the
+whole transaction.  On SQLite the transaction holds the write lock throughout: the
+sequence is bumped first (the job's stage read by the same statement, for the
+event's `from`) and given back if the UPDATE then matches nothing, which no other
+connection can observe.  Either way the record is handed to the hub with
+`remember_event`, as `record_event` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, String, column
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.db import utcnow
+from app.events.models import EventType
+from app.events.outbox import (
+    EVENT_BIND_TYPES,
+    PG_NOTIFY_SQL,
+    SQLITE_INSERT_EVENT_SQL,
+    event_row_values,
+    pg_append_event_ctes,
+    remember_event,
+)
+from app.fleet.models import Job, JobStage
+from app.fleet.statements import (
+    COLUMNS,
+    PgStatement,
+    SqliteStatement,
+    job_from_row,
+    stage_event,
+)
+
+
+def pg_with_event(change_sql: str) -> str:
+    """`change AS (<change_sql>), <event CTEs> SELECT change.*, seq, NOTIFY` —
+    `change_sql` is an UPDATE … RETURNING the job's columns and `source_stage`."""
+    payload = ("jsonb_strip_nulls(jsonb_build_object('attempts', change.attempts, "
+               "'fence', change.lease_fence, 'trackerItemId', change.tracker_item_id))")
+    return (
+        f"change AS (\n    {change_sql}\n), "
+        + pg_append_event_ctes(
+            "change", type_sql=f"'{EventType.JOB_STAGE_CHANGED.value}'",
+            entity_id_sql="change.id", from_state_sql="change.source_stage",
+            to_state_sql="change.stage", payload_sql=payload,
+        )
+        + f"\nSELECT change.*, event_row.seq AS event_seq, {PG_NOTIFY_SQL} AS notified"
+        " FROM change CROSS JOIN event_row"
+    )
+
+
+EVENT_RESULT = (column("source_stage", String), column("event_seq", BigInteger),
+                column("notified", String))
+
+
+def pg_changed(session: AsyncSession, row: Sequence[Any], created_at: datetime) -> Job:
+    """The job of a change-with-event row; its event remembered for the hub."""
+    job = job_from_row(session, row)
+    source, seq = JobStage(row[len(COLUMNS)]), row[len(COLUMNS) + 1]
+    remember_event(session, stage_event(job, source, seq, created_at))
+    return job
+
+
+async def pg_change(
+    session: AsyncSession, statement: PgStatement, params: dict[str, Any]
+) -> Job | None:
+    """PostgreSQL: run a change-with-event statement; remember its event."""
+    created_at = utcnow()
+    args = {**params, "event_created_at": created_at}
+    row = await statement.first(session, args)
+    return None if row is None else pg_changed(session, row, created_at)
+
+
+async def pg_job_change(
+    session: AsyncSession, statement: PgStatement, params: dict[str, Any]
+) -> Job | None:
+    """PostgreSQL: a change without an event (heartbeat)."""
+    row = await statement.first(session, params)
+    return None if row is None else job_from_row(session, row)
+
+
+_SQLITE_BUMP = SqliteStatement(
+    "UPDATE products SET last_event_seq = last_event_seq + 1 WHERE id = :product_id"
+    " RETURNING last_event_seq"
+)
+_SQLITE_BUMP_READING_STAGE = SqliteStatement(
+    "UPDATE products SET last_event_seq = last_event_seq + 1 WHERE id = :product_id"
+    " RETURNING last_event_seq,"
+    " (SELECT stage FROM jobs WHERE product_id = :product_id AND id = :job_id)"
+)
+_SQLITE_UNBUMP = SqliteStatement(
+    "UPDATE products SET last_event_seq = last_event_seq - 1 WHERE id = :product_id"
+)
+_SQLITE_EVENT = SqliteStatement(SQLITE_INSERT_EVENT_SQL, binds=EVENT_BIND_TYPES)
+
+
+async def sqlite_change(
+    session: AsyncSession, statement: SqliteStatement, params: dict[str, Any], *,
+    source: JobStage | None = None,
+) -> Job | None:
+    """SQLite: the change and its event in three statements under the write lock.
+    With `source` None the job's current stage is read (the event's `from`) by the
+    statement that bumps the sequence, which is given back when the change matches
+    nothing; with `source` given the sequence is bumped after the change."""
+    params = {"now": utcnow(), **params}
+    if source is None:
+        bumped = await _SQLITE_BUMP_READING_STAGE.first(session, params)
+        if bumped is None:  # no such product: no such job either
+            return None
+        if bumped[1] is None or (row := await statement.first(session, params)) is None:
+            await _SQLITE_UNBUMP.rows(session, params)
+            return None
+        seq, source = bumped[0], JobStage(bumped[1])
+    else:
+        if (row := await statement.first(session, params)) is None:
+            return None
+        [[seq]] = await _SQLITE_BUMP.rows(session, params)
+    job = job_from_row(session, row)
+    record = stage_event(job, source, seq, utcnow())
+    await _SQLITE_EVENT.rows(session, event_row_values(record))
+    remember_event(session, record)
+    return job
