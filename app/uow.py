@@ -18,6 +18,15 @@ One exception: a pooled connection that was already dead when it was handed out
 (the pool does not ping, app.db) fails the statement that began the transaction;
 that one statement runs again, once, on a fresh connection (`FleetSession`), so a
 database restart or a killed backend costs no request an error.
+
+A unit of work whose caller makes one service call and nothing else in it
+(`unit_of_work(one_call=True)`: the lease holder's mutations) lets that call, on
+PostgreSQL, run its statements on a pooled connection's driver with no SQLAlchemy
+session in between (`LoneUnit`): a single statement as its own implicit
+transaction — no BEGIN, no COMMIT round trip — or a few in one explicit transaction
+that the unit of work commits itself.  The contract is the same: the service never
+commits, events are published only after the commit, store failures are
+SERVICE_UNAVAILABLE, a connection dead when handed out is replaced once.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import SqliteWriter, snapshot_engine, sqlite_writer, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
+from app.lone import LONE_KEY, LoneUnit, lone_unit, sealed
 from app.tasks import run_to_completion
+
+__all__ = ["LoneUnit", "lone_unit"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +134,8 @@ class FleetSession(AsyncSession):
     retried = 0  # first statements run again (process-wide; tests, diagnostics)
 
     def _first_statement(self) -> bool:
+        if sealed(self):
+            raise RuntimeError("this unit of work ran its one call alone; it takes nothing more")
         return not self.in_transaction() and not self.identity_map
 
     async def _retried(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -150,6 +164,14 @@ class FleetSession(AsyncSession):
         if not self._first_statement():
             return await super().get(*args, **kwargs)
         return await self._retried(lambda: super(FleetSession, self).get(*args, **kwargs))
+
+    async def connection(self, *args: Any, **kwargs: Any) -> Any:
+        self._first_statement()  # refused once sealed
+        return await super().connection(*args, **kwargs)
+
+    async def flush(self, objects: Sequence[Any] | None = None) -> None:
+        self._first_statement()
+        await super().flush(objects)
 
 
 def store_unavailable(exc: BaseException) -> StoreUnavailableError:
@@ -211,8 +233,12 @@ class Database:
             yield session
 
     @asynccontextmanager
-    async def unit_of_work(self) -> AsyncIterator[AsyncSession]:
+    async def unit_of_work(self, *, one_call: bool = False) -> AsyncIterator[AsyncSession]:
         """A write transaction: commit on success, roll back on any error.
+
+        `one_call`: the caller makes one service call in it and nothing else, so on
+        PostgreSQL that call may run alone on a driver connection (`LoneUnit`); once
+        it has changed something the session refuses any further statement.
 
         On SQLite units of work run on one connection of their own (the process's
         writers queue for it in the pool) and take the write lock when they begin,
@@ -228,7 +254,8 @@ class Database:
         committed: list[list[EventRecord]] = []
         try:
             async with self.session(
-                self._writer_sessions(), commit=True, committed=committed
+                self._writer_sessions(), commit=True, committed=committed,
+                lone=one_call and self.dialect == "postgresql",
             ) as session:
                 yield session
             if self.after_commit is not None:
@@ -240,7 +267,7 @@ class Database:
     @asynccontextmanager
     async def session(
         self, maker: async_sessionmaker[AsyncSession], *, commit: bool,
-        committed: list[list[EventRecord]] | None = None,
+        committed: list[list[EventRecord]] | None = None, lone: bool = False,
     ) -> AsyncIterator[AsyncSession]:
         """The one place a session ends: committed (`commit`), closed, rolled back on
         an error, or invalidated on a store failure — which leaves as
@@ -249,12 +276,20 @@ class Database:
         to `committed` as soon as it succeeded."""
         done: list[list[EventRecord]] = [] if committed is None else committed
         session = maker()
+        if lone:
+            session.info[LONE_KEY] = LoneUnit(self.engine)
         try:
             try:
                 yield session
                 if commit:
-                    await run_to_completion(_commit(session, done))
+                    if sealed(session):  # committed by its one call (LoneUnit)
+                        _check_nothing_pending(session)
+                        done.append(take_recorded(session))
+                    else:
+                        await run_to_completion(_commit(session, done))
             except BaseException as exc:
+                if not done and sealed(session):  # committed alone: publish what it recorded
+                    done.append(take_recorded(session))
                 if done:  # committed; only the caller was cancelled meanwhile
                     raise
                 discard_recorded(session)
@@ -275,6 +310,11 @@ class Database:
         if self._sqlite_writer is not None:
             await self._sqlite_writer.owner.dispose()
         await self.engine.dispose()
+
+
+def _check_nothing_pending(session: AsyncSession) -> None:
+    if session.new or session.dirty or session.deleted:
+        raise RuntimeError("this unit of work ran its one call alone; it takes nothing more")
 
 
 async def _commit(session: AsyncSession, committed: list[list[EventRecord]]) -> None:

@@ -91,12 +91,13 @@ async def service_cycle(url: str, *, claimers: int, jobs: int, echo: bool) -> di
         done = retries = 0
 
         async def retried(step: Callable[[AsyncSession], Awaitable[T]]) -> T:
-            """A unit of work, again when the store was unavailable (a worker retries;
-            on a loaded SQLite the lock wait can outlast FLEET_DB_TIMEOUT_SECONDS)."""
+            """A unit of work of one call, as the mutations open it (app.lone), again
+            when the store was unavailable (a worker retries; on a loaded SQLite the
+            lock wait can outlast FLEET_DB_TIMEOUT_SECONDS)."""
             nonlocal retries
             for _ in range(RETRIES):
                 try:
-                    async with db.unit_of_work() as session:
+                    async with db.unit_of_work(one_call=True) as session:
                         return await step(session)
                 except StoreUnavailableError:
                     retries += 1

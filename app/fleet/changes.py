@@ -39,6 +39,7 @@ from app.fleet.statements import (
     job_from_row,
     stage_event,
 )
+from app.lone import lone_unit
 
 
 def pg_with_event(change_sql: str) -> str:
@@ -73,9 +74,20 @@ def pg_changed(session: AsyncSession, row: Sequence[Any], created_at: datetime) 
 async def pg_change(
     session: AsyncSession, statement: PgStatement, params: dict[str, Any]
 ) -> Job | None:
-    """PostgreSQL: run a change-with-event statement; remember its event."""
+    """PostgreSQL: run a change-with-event statement; remember its event.  Alone
+    (its own implicit transaction) when the unit of work is this one call."""
     created_at = utcnow()
     args = {**params, "event_created_at": created_at}
+    lone = lone_unit(session)
+    if lone is not None:
+        bind = session.get_bind()
+
+        async def alone(driver: Any) -> Sequence[Any] | None:
+            rows = await statement.fetch(driver, bind.dialect, args, bind)
+            return rows[0] if rows else None
+
+        return await lone.run(alone, lambda row: pg_changed(session, row, created_at),
+                              transaction=False)
     row = await statement.first(session, args)
     return None if row is None else pg_changed(session, row, created_at)
 
@@ -83,7 +95,17 @@ async def pg_change(
 async def pg_job_change(
     session: AsyncSession, statement: PgStatement, params: dict[str, Any]
 ) -> Job | None:
-    """PostgreSQL: a change without an event (heartbeat)."""
+    """PostgreSQL: a change without an event (heartbeat); alone as `pg_change`."""
+    lone = lone_unit(session)
+    if lone is not None:
+        bind = session.get_bind()
+
+        async def alone(driver: Any) -> Sequence[Any] | None:
+            rows = await statement.fetch(driver, bind.dialect, params, bind)
+            return rows[0] if rows else None
+
+        return await lone.run(alone, lambda row: job_from_row(session, row),
+                              transaction=False)
     row = await statement.first(session, params)
     return None if row is None else job_from_row(session, row)
 

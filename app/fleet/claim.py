@@ -1,8 +1,9 @@
 """The claim (DESIGN §2, §3): the queues' heads, the scheduler's choice, the assignment.
 
 PostgreSQL: the heads (`FOR UPDATE SKIP LOCKED`, reading the database clock) and the
-assignment with its event and NOTIFY — two statements in one transaction.  SQLite:
-heads; assign; sequence; event, under the write lock.
+assignment with its event and NOTIFY — two statements in one transaction; in a unit
+of work of one call (`app.lone`) the whole transaction runs on the driver
+(`claim_job`).  SQLite: heads; assign; sequence; event, under the write lock.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sqlalchemy.types import Integer, TypeEngine
 
 from app.db import JsonDocument, UTCDateTime, utcnow
 from app.events.outbox import EVENT_CREATED_AT
-from app.fleet.changes import EVENT_RESULT, pg_change, pg_with_event, sqlite_change
+from app.fleet.changes import EVENT_RESULT, pg_change, pg_changed, pg_with_event, sqlite_change
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import Candidate, WorkerProfile, select_job
 from app.fleet.statements import (
@@ -30,6 +31,7 @@ from app.fleet.statements import (
     returning,
     sqlite_job_statement,
 )
+from app.lone import lone_unit
 
 _HEAD_COLUMNS = "id, priority, capabilities, engine_class, profile, queued_at, not_before"
 _HEAD_TYPES: tuple[TypeEngine[Any], ...] = (
@@ -204,9 +206,29 @@ async def claim_job(
     """The job `select_job` (DESIGN §3, aging over `aging_seconds`) picks among the
     heads, assigned to `worker` for `lease_seconds`; None when there is none.  `now`
     None reads the database clock (PostgreSQL) or the process clock (SQLite)."""
-    heads, read_at = await claim_heads(session, product_id, worker, now)
-    chosen = None if read_at is None else select_job(heads, worker, read_at, aging_seconds)
-    if chosen is None or read_at is None:
-        return None
-    return await assign(session, product_id, chosen.id, worker.worker_id, now=read_at,
-                        lease_seconds=lease_seconds)
+    lone = lone_unit(session) if is_postgres(session) else None
+    if lone is None:
+        heads, read_at = await claim_heads(session, product_id, worker, now)
+        chosen = None if read_at is None else select_job(heads, worker, read_at, aging_seconds)
+        if chosen is None or read_at is None:
+            return None
+        return await assign(session, product_id, chosen.id, worker.worker_id, now=read_at,
+                            lease_seconds=lease_seconds)
+    bind = session.get_bind()
+    _, heads_params = pg_claim_heads_statement(product_id, worker, now)
+
+    async def alone(driver: Any) -> tuple[Sequence[Any], datetime] | None:
+        rows = await _PG_HEADS_RUN.fetch(driver, bind.dialect, heads_params, bind)
+        if not rows:
+            return None
+        read_at: datetime = rows[0][-1]
+        chosen = select_job(_candidates(rows), worker, read_at, aging_seconds)
+        if chosen is None:
+            return None
+        created_at = utcnow()
+        params = _assign_params(product_id, chosen.id, worker.worker_id, read_at, lease_seconds)
+        assigned = await _PG_ASSIGN.fetch(
+            driver, bind.dialect, {**params, "event_created_at": created_at}, bind)
+        return (assigned[0], created_at) if assigned else None
+
+    return await lone.run(alone, lambda done: pg_changed(session, *done), transaction=True)

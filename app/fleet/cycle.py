@@ -12,13 +12,18 @@ The claim is `app.fleet.claim`; the change-with-event statements, `app.fleet.cha
 This module keeps the names other modules import from it (`SqliteStatement`,
 `claim_heads`, `assign`, `pg_claim_heads_statement`, `job_from_row`, `stage_payload`).
 
-Round trips per call (besides the unit of work's BEGIN and COMMIT):
+Round trips per call (BEGIN and COMMIT counted):
 
-| call | PostgreSQL | SQLite |
-|---|---|---|
-| claim | 2: heads + clock; assign + event + NOTIFY | 4: heads; assign; sequence; event |
-| transition, release | 1: lock + UPDATE + event + NOTIFY | 3: sequence + stage; UPDATE; event |
-| heartbeat | 1 | 1 |
+| call | PostgreSQL, one call alone | PostgreSQL, in a larger unit | SQLite |
+|---|---|---|---|
+| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT | 4 | 6: + sequence; event |
+| transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 5: + sequence; event |
+| heartbeat | 1 | 3 | 3 |
+
+"One call alone" is a unit of work opened with `one_call=True` (`app.lone`: the
+lease holder's mutations): there the statements run on the driver, and a single
+statement is its own implicit transaction.  SQLite's statements run in one hop each
+to the driver's thread (`SqliteStatement`).
 
 The clock (DESIGN §8): on PostgreSQL the statements read `clock_timestamp()` once
 (a MATERIALIZED `clock` CTE), the instant `app.db.database_now` would have returned,

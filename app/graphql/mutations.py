@@ -2,6 +2,9 @@
 
 Each mutation field is its own unit of work; the events it records are published
 (and, with FLEET_TRACKER_ECHO on, echoed) after its commit and before it answers.
+The lease holder's fields (claim, heartbeat, transition, release) open theirs with
+`one_call=True`: the service call is all of it, so on PostgreSQL it may run alone
+on the driver (app.lone).
 """
 
 from __future__ import annotations
@@ -186,7 +189,7 @@ class Mutation:
         profile = worker.to_profile()
         seconds = check_lease_seconds("worker.leaseSeconds", worker.lease_seconds)
         started = time.perf_counter()
-        async with info.context.db.unit_of_work() as session:
+        async with info.context.db.unit_of_work(one_call=True) as session:
             row = await info.context.services.fleet.claim_next_job(
                 session, principal.product_id, profile, lease_seconds=seconds
             )
@@ -208,7 +211,7 @@ class Mutation:
         principal = info.context.require(Permission.WORK)
         job_row_id = require_id("job", job_id)
         seconds = check_lease_seconds("leaseSeconds", lease_seconds)
-        async with info.context.db.unit_of_work() as session:
+        async with info.context.db.unit_of_work(one_call=True) as session:
             row = await info.context.services.fleet.heartbeat(
                 session, principal.product_id, job_row_id, fence, lease_seconds=seconds
             )
@@ -241,7 +244,7 @@ class Mutation:
         job_row_id = require_id("job", job_id)
         delta = metrics.to_delta() if metrics is not None else MetricsDelta()
         reason = limits.optional_text("reason", reason, max_len=limits.REASON_MAX)
-        async with info.context.db.unit_of_work() as session:
+        async with info.context.db.unit_of_work(one_call=True) as session:
             row = await info.context.services.fleet.transition_job(
                 session, principal.product_id, job_row_id, fence, to,
                 metrics=delta, reason=reason, retryable=bool(retryable),
@@ -258,7 +261,7 @@ class Mutation:
         principal = info.context.require(Permission.WORK)
         job_row_id = require_id("job", job_id)
         reason = limits.optional_text("reason", reason, max_len=limits.REASON_MAX)
-        async with info.context.db.unit_of_work() as session:
+        async with info.context.db.unit_of_work(one_call=True) as session:
             row = await info.context.services.fleet.release_job(
                 session, principal.product_id, job_row_id, fence, reason
             )
