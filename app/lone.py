@@ -44,10 +44,13 @@ The unit of work's contract holds:
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import asyncpg
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from app.tasks import run_to_completion
@@ -104,12 +107,102 @@ class LoneUnit:
             except BaseException:
                 fairy.invalidate()  # in a state nobody knows; closed without a round trip
                 raise
-            fairy.close()  # back to the pool, idle (nothing to reset)
+            _give_back(fairy)
             if done is None:
                 return None
             self.sealed = True
             return then(done)
         raise AssertionError("unreachable")
+
+
+    async def run_sqlite(self, work: Callable[[SqliteHop], R | None],
+                         then: Callable[[R], T]) -> T | None:
+        """SQLite: BEGIN IMMEDIATE, `work(hop)`, COMMIT — all in ONE hop to the
+        writer connection's thread (`SqliteHop`); rolled back when `work` returns
+        None (it found nothing to change) or raises.  `then` as in `run`."""
+        self.used = True
+        return await run_to_completion(self._run_sqlite(work, then))
+
+    async def _run_sqlite(self, work: Callable[[SqliteHop], R | None],
+                          then: Callable[[R], T]) -> T | None:
+
+        def unit(hop: SqliteHop) -> R | None:
+            assert hop.connection is not None
+            hop.connection.execute("BEGIN IMMEDIATE")  # waits for another process's writer
+            try:
+                done = work(hop)
+                hop.connection.execute("COMMIT" if done is not None else "ROLLBACK")
+            except BaseException:
+                if hop.connection.in_transaction:
+                    hop.connection.execute("ROLLBACK")
+                raise
+            return done
+
+        fairy = await self.engine.raw_connection()
+        try:
+            done = await SqliteHop(self.engine.dialect).call(
+                fairy.driver_connection, unit, self.engine.sync_engine)
+        except BaseException as exc:
+            if isinstance(exc, DBAPIError):
+                _give_back(fairy)  # the transaction was rolled back or never began
+            else:
+                fairy.invalidate()
+            raise
+        _give_back(fairy)
+        if done is None:
+            return None
+        self.sealed = True
+        return then(done)
+
+
+class SqliteHop:
+    """SQLite: several statements in ONE hop to the aiosqlite thread — `fn(hop)` runs
+    there, calling `SqliteStatement.run(hop, …)` (pure Python besides: no awaiting,
+    no session).  `sent` lists what ran, for the cursor listeners, which are told in
+    the event loop's thread once the hop is back."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.connection: sqlite3.Connection | None = None
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    async def call(self, driver: Any, fn: Callable[[SqliteHop], T],
+                   events: Connection | Engine | None) -> T:
+        """`fn(self)` on aiosqlite connection `driver`'s thread; sqlite3 errors leave
+        as SQLAlchemy's DBAPIError, like any statement's."""
+
+        def in_thread() -> T:
+            self.connection = driver._conn  # the thread's own sqlite3 connection
+            return fn(self)
+
+        try:
+            return cast(T, await driver._execute(in_thread))
+        except sqlite3.Error as exc:
+            sql, values = self.sent[-1] if self.sent else ("", {})
+            raise DBAPIError.instance(sql, values, exc, sqlite3.Error,
+                                      dialect=self.dialect) from exc
+        finally:
+            self.tell(events)
+
+    def tell(self, events: Connection | Engine | None) -> None:
+        if events is None:
+            return
+        dispatch = events.dispatch
+        conn = events if isinstance(events, Connection) else None
+        for sql, values in self.sent:
+            if dispatch.before_cursor_execute:
+                dispatch.before_cursor_execute(conn, None, sql, values, None, False)
+            if dispatch.after_cursor_execute:
+                dispatch.after_cursor_execute(conn, None, sql, values, None, False)
+
+
+
+def _give_back(fairy: Any) -> None:
+    """Return a pooled connection whose transaction has ended (committed or rolled
+    back on the driver) without the pool's reset-on-return ROLLBACK, a round trip —
+    on SQLite a hop to the driver's thread, and outside a greenlet an error — the
+    way SQLAlchemy's own Connection returns one after its COMMIT."""
+    fairy._close_special(transaction_reset=True)
 
 
 def lone_unit(session: AsyncSession) -> LoneUnit | None:

@@ -20,11 +20,12 @@ that one statement runs again, once, on a fresh connection (`FleetSession`), so 
 database restart or a killed backend costs no request an error.
 
 A unit of work whose caller makes one service call and nothing else in it
-(`unit_of_work(one_call=True)`: the lease holder's mutations) lets that call, on
-PostgreSQL, run its statements on a pooled connection's driver with no SQLAlchemy
-session in between (`LoneUnit`): a single statement as its own implicit
+(`unit_of_work(one_call=True)`: the lease holder's mutations) lets that call run
+its statements on a pooled connection's driver with no SQLAlchemy session in
+between (`app.lone.LoneUnit`): on PostgreSQL a single statement as its own implicit
 transaction — no BEGIN, no COMMIT round trip — or a few in one explicit transaction
-that the unit of work commits itself.  The contract is the same: the service never
+that the unit of work commits itself; on SQLite BEGIN, the statements and COMMIT in
+one hop to the writer connection's thread.  The contract is the same: the service never
 commits, events are published only after the commit, store failures are
 SERVICE_UNAVAILABLE, a connection dead when handed out is replaced once.
 """
@@ -236,9 +237,10 @@ class Database:
     async def unit_of_work(self, *, one_call: bool = False) -> AsyncIterator[AsyncSession]:
         """A write transaction: commit on success, roll back on any error.
 
-        `one_call`: the caller makes one service call in it and nothing else, so on
-        PostgreSQL that call may run alone on a driver connection (`LoneUnit`); once
-        it has changed something the session refuses any further statement.
+        `one_call`: the caller makes one service call in it and nothing else, so that
+        call may run alone on a driver connection (`LoneUnit`; on SQLite the writer
+        connection); once it has changed something the session refuses any further
+        statement.
 
         On SQLite units of work run on one connection of their own (the process's
         writers queue for it in the pool) and take the write lock when they begin,
@@ -255,7 +257,7 @@ class Database:
         try:
             async with self.session(
                 self._writer_sessions(), commit=True, committed=committed,
-                lone=one_call and self.dialect == "postgresql",
+                lone=(self.writer_engine or self.engine) if one_call else None,
             ) as session:
                 yield session
             if self.after_commit is not None:
@@ -267,7 +269,7 @@ class Database:
     @asynccontextmanager
     async def session(
         self, maker: async_sessionmaker[AsyncSession], *, commit: bool,
-        committed: list[list[EventRecord]] | None = None, lone: bool = False,
+        committed: list[list[EventRecord]] | None = None, lone: AsyncEngine | None = None,
     ) -> AsyncIterator[AsyncSession]:
         """The one place a session ends: committed (`commit`), closed, rolled back on
         an error, or invalidated on a store failure — which leaves as
@@ -276,8 +278,8 @@ class Database:
         to `committed` as soon as it succeeded."""
         done: list[list[EventRecord]] = [] if committed is None else committed
         session = maker()
-        if lone:
-            session.info[LONE_KEY] = LoneUnit(self.engine)
+        if lone is not None:  # the engine its one call may run alone on (app.lone)
+            session.info[LONE_KEY] = LoneUnit(lone)
         try:
             try:
                 yield session

@@ -8,8 +8,10 @@ commit order.  In a unit of work of one call (`app.lone`) that statement is the
 whole transaction.  On SQLite the transaction holds the write lock throughout: the
 sequence is bumped first (the job's stage read by the same statement, for the
 event's `from`) and given back if the UPDATE then matches nothing, which no other
-connection can observe.  Either way the record is handed to the hub with
-`remember_event`, as `record_event` does.
+connection can observe; the three statements run in one hop to the driver's
+thread (`SqliteHop`), with BEGIN and COMMIT too in a unit of work of one call.
+Either way the record is handed to the hub with `remember_event`, as
+`record_event` does.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from app.events.outbox import (
     EVENT_BIND_TYPES,
     PG_NOTIFY_SQL,
     SQLITE_INSERT_EVENT_SQL,
+    EventRecord,
     event_row_values,
     pg_append_event_ctes,
     remember_event,
@@ -37,9 +40,11 @@ from app.fleet.statements import (
     PgStatement,
     SqliteStatement,
     job_from_row,
+    row_stage_event,
+    sqlite_hop,
     stage_event,
 )
-from app.lone import lone_unit
+from app.lone import SqliteHop, lone_unit
 
 
 def pg_with_event(change_sql: str) -> str:
@@ -125,29 +130,53 @@ _SQLITE_UNBUMP = SqliteStatement(
 _SQLITE_EVENT = SqliteStatement(SQLITE_INSERT_EVENT_SQL, binds=EVENT_BIND_TYPES)
 
 
+def sqlite_change_in(
+    hop: SqliteHop, statement: SqliteStatement, params: dict[str, Any],
+    source: JobStage | None,
+) -> tuple[Sequence[Any], EventRecord] | None:
+    """SQLite, in the driver's thread: the change and its event in three statements
+    under the write lock.  With `source` None the job's current stage is read (the
+    event's `from`) by the statement that bumps the sequence, which is given back
+    when the change matches nothing; with `source` given the sequence is bumped after
+    the change.  `params` carries `now` and `event_created_at`."""
+    if source is None:
+        bumped = _SQLITE_BUMP_READING_STAGE.first_of(hop, params)
+        if bumped is None:  # no such product: no such job either
+            return None
+        if bumped[1] is None or (row := statement.first_of(hop, params)) is None:
+            _SQLITE_UNBUMP.run(hop, params)
+            return None
+        seq, source = bumped[0], JobStage(bumped[1])
+    else:
+        if (row := statement.first_of(hop, params)) is None:
+            return None
+        [[seq]] = _SQLITE_BUMP.run(hop, params)
+    record = row_stage_event(row, source, seq, params["event_created_at"])
+    _SQLITE_EVENT.run(hop, event_row_values(record))
+    return row, record
+
+
+def sqlite_changed(session: AsyncSession, done: tuple[Sequence[Any], EventRecord]) -> Job:
+    """The job of `sqlite_change_in`'s row; its event remembered for the hub."""
+    row, record = done
+    job = job_from_row(session, row)
+    remember_event(session, record)
+    return job
+
+
 async def sqlite_change(
     session: AsyncSession, statement: SqliteStatement, params: dict[str, Any], *,
     source: JobStage | None = None,
 ) -> Job | None:
-    """SQLite: the change and its event in three statements under the write lock.
-    With `source` None the job's current stage is read (the event's `from`) by the
-    statement that bumps the sequence, which is given back when the change matches
-    nothing; with `source` given the sequence is bumped after the change."""
-    params = {"now": utcnow(), **params}
-    if source is None:
-        bumped = await _SQLITE_BUMP_READING_STAGE.first(session, params)
-        if bumped is None:  # no such product: no such job either
-            return None
-        if bumped[1] is None or (row := await statement.first(session, params)) is None:
-            await _SQLITE_UNBUMP.rows(session, params)
-            return None
-        seq, source = bumped[0], JobStage(bumped[1])
-    else:
-        if (row := await statement.first(session, params)) is None:
-            return None
-        [[seq]] = await _SQLITE_BUMP.rows(session, params)
-    job = job_from_row(session, row)
-    record = stage_event(job, source, seq, utcnow())
-    await _SQLITE_EVENT.rows(session, event_row_values(record))
-    remember_event(session, record)
-    return job
+    """SQLite: `sqlite_change_in` in one hop to the driver's thread — in the session's
+    transaction, or, in a unit of work of this one call (`app.lone`), as a
+    transaction of its own in that same hop."""
+    now = utcnow()
+    params = {"now": now, "event_created_at": now, **params}
+    lone = lone_unit(session)
+    if lone is not None:
+        return await lone.run_sqlite(
+            lambda hop: sqlite_change_in(hop, statement, params, source),
+            lambda done: sqlite_changed(session, done))
+    done = await sqlite_hop(session, lambda hop: sqlite_change_in(hop, statement, params, source))
+    return None if done is None else sqlite_changed(session, done)

@@ -3,7 +3,8 @@
 PostgreSQL: the heads (`FOR UPDATE SKIP LOCKED`, reading the database clock) and the
 assignment with its event and NOTIFY — two statements in one transaction; in a unit
 of work of one call (`app.lone`) the whole transaction runs on the driver
-(`claim_job`).  SQLite: heads; assign; sequence; event, under the write lock.
+(`claim_job`).  SQLite: heads; assign; sequence; event, under the write lock, in one
+hop to the driver's thread (with BEGIN and COMMIT in a unit of work of one call).
 """
 
 from __future__ import annotations
@@ -19,8 +20,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import Integer, TypeEngine
 
 from app.db import JsonDocument, UTCDateTime, utcnow
-from app.events.outbox import EVENT_CREATED_AT
-from app.fleet.changes import EVENT_RESULT, pg_change, pg_changed, pg_with_event, sqlite_change
+from app.events.outbox import EVENT_CREATED_AT, EventRecord
+from app.fleet.changes import (
+    EVENT_RESULT,
+    pg_change,
+    pg_changed,
+    pg_with_event,
+    sqlite_change,
+    sqlite_change_in,
+    sqlite_changed,
+)
 from app.fleet.models import Job, JobStage, Priority
 from app.fleet.scheduler import Candidate, WorkerProfile, select_job
 from app.fleet.statements import (
@@ -29,9 +38,10 @@ from app.fleet.statements import (
     SqliteStatement,
     is_postgres,
     returning,
+    sqlite_hop,
     sqlite_job_statement,
 )
-from app.lone import lone_unit
+from app.lone import SqliteHop, lone_unit
 
 _HEAD_COLUMNS = "id, priority, capabilities, engine_class, profile, queued_at, not_before"
 _HEAD_TYPES: tuple[TypeEngine[Any], ...] = (
@@ -95,6 +105,17 @@ _SQLITE_HEADS = SqliteStatement(
 )
 
 
+def _sqlite_heads_params(
+    product_id: str, worker: WorkerProfile, now: datetime
+) -> dict[str, Any]:
+    return {
+        "product_id": product_id, "now": now,
+        "engine_classes": json.dumps(sorted(worker.engine_classes)),
+        "profiles": json.dumps(sorted(worker.profiles)),
+        "capabilities": json.dumps(sorted(worker.capabilities)),
+    }
+
+
 def pg_claim_heads_statement(
     product_id: str, worker: WorkerProfile, now: datetime | None
 ) -> tuple[TextualSelect, dict[str, Any]]:
@@ -130,12 +151,7 @@ async def claim_heads(
         read_at = rows[0][-1] if rows else None
     else:
         read_at = now or utcnow()
-        rows = await _SQLITE_HEADS.rows(session, {
-            "product_id": product_id, "now": read_at,
-            "engine_classes": json.dumps(sorted(worker.engine_classes)),
-            "profiles": json.dumps(sorted(worker.profiles)),
-            "capabilities": json.dumps(sorted(worker.capabilities)),
-        })
+        rows = await _SQLITE_HEADS.rows(session, _sqlite_heads_params(product_id, worker, read_at))
     if not rows:
         return [], None
     return _candidates(rows), read_at
@@ -206,7 +222,26 @@ async def claim_job(
     """The job `select_job` (DESIGN §3, aging over `aging_seconds`) picks among the
     heads, assigned to `worker` for `lease_seconds`; None when there is none.  `now`
     None reads the database clock (PostgreSQL) or the process clock (SQLite)."""
-    lone = lone_unit(session) if is_postgres(session) else None
+    lone = lone_unit(session)
+    if not is_postgres(session):
+        clock = now or utcnow()
+        params = _sqlite_heads_params(product_id, worker, clock)
+
+        def claim_in(hop: SqliteHop) -> tuple[Sequence[Any], EventRecord] | None:
+            chosen = select_job(_candidates(_SQLITE_HEADS.run(hop, params)), worker, clock,
+                                aging_seconds)
+            if chosen is None:
+                return None
+            assignment = _assign_params(product_id, chosen.id, worker.worker_id, clock,
+                                        lease_seconds)
+            return sqlite_change_in(hop, _SQLITE_ASSIGN,
+                                    {**assignment, "event_created_at": utcnow()},
+                                    JobStage.QUEUED)
+
+        if lone is not None:
+            return await lone.run_sqlite(claim_in, lambda done: sqlite_changed(session, done))
+        done = await sqlite_hop(session, claim_in)
+        return None if done is None else sqlite_changed(session, done)
     if lone is None:
         heads, read_at = await claim_heads(session, product_id, worker, now)
         chosen = None if read_at is None else select_job(heads, worker, read_at, aging_seconds)

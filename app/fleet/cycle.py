@@ -12,18 +12,21 @@ The claim is `app.fleet.claim`; the change-with-event statements, `app.fleet.cha
 This module keeps the names other modules import from it (`SqliteStatement`,
 `claim_heads`, `assign`, `pg_claim_heads_statement`, `job_from_row`, `stage_payload`).
 
-Round trips per call (BEGIN and COMMIT counted):
+Round trips per call (BEGIN and COMMIT counted; on SQLite, hops to the driver's
+thread):
 
-| call | PostgreSQL, one call alone | PostgreSQL, in a larger unit | SQLite |
-|---|---|---|---|
-| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT | 4 | 6: + sequence; event |
-| transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 5: + sequence; event |
-| heartbeat | 1 | 3 | 3 |
+| call | PostgreSQL, one call alone | PostgreSQL, in a larger unit | SQLite, alone | SQLite |
+|---|---|---|---|---|
+| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT | 4 | 1 | 3 |
+| transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 1 | 3 |
+| heartbeat | 1 | 3 | 1 | 3 |
 
 "One call alone" is a unit of work opened with `one_call=True` (`app.lone`: the
-lease holder's mutations): there the statements run on the driver, and a single
-statement is its own implicit transaction.  SQLite's statements run in one hop each
-to the driver's thread (`SqliteStatement`).
+lease holder's mutations): there the statements run on the driver, a single
+PostgreSQL statement is its own implicit transaction, and on SQLite BEGIN
+IMMEDIATE, the statements (sequence, UPDATE, event) and COMMIT are one hop.  In a
+larger unit of work SQLite's statements are still one hop, between the unit's BEGIN
+and COMMIT (`app.fleet.statements.SqliteHop`).
 
 The clock (DESIGN §8): on PostgreSQL the statements read `clock_timestamp()` once
 (a MATERIALIZED `clock` CTE), the instant `app.db.database_now` would have returned,
@@ -68,6 +71,7 @@ from app.fleet.statements import (
     stage_list,
     stage_payload,
 )
+from app.lone import lone_unit
 
 __all__ = [
     "FAST_TARGETS", "SqliteStatement", "assign", "claim_heads", "claim_job", "heartbeat",
@@ -247,5 +251,8 @@ async def heartbeat(
         return await pg_job_change(session, _PG_HEARTBEAT, params)
     params["now"] = now = utcnow()
     params["expires_at"] = now + timedelta(seconds=lease_seconds)
+    if (lone := lone_unit(session)) is not None:
+        return await lone.run_sqlite(lambda hop: _SQLITE_HEARTBEAT.first_of(hop, params),
+                                     lambda row: job_from_row(session, row))
     row = await _SQLITE_HEARTBEAT.first(session, params)
     return None if row is None else job_from_row(session, row)

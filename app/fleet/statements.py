@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Float, TextualSelect, inspect, text
 from sqlalchemy.engine import Connection, Dialect, Engine
@@ -46,7 +46,9 @@ from app.events.models import EventType
 from app.events.outbox import EventRecord
 from app.fleet.models import Job, JobStage
 from app.fleet.stages import ACTIVE_STAGES
+from app.lone import SqliteHop
 
+T = TypeVar("T")
 TABLE = Job.__table__
 COLUMNS = tuple(TABLE.columns)
 KEYS = tuple(col.key for col in COLUMNS)
@@ -98,6 +100,21 @@ def stage_event(job: Job, source: JobStage, seq: int, created_at: datetime) -> E
         product_id=job.product_id, seq=seq, type=EventType.JOB_STAGE_CHANGED,
         entity_id=job.id, from_state=source.value, to_state=job.stage.value,
         created_at=created_at, payload=stage_payload(job),
+    )
+
+
+def row_stage_event(
+    row: Sequence[Any], source: JobStage, seq: int, created_at: datetime
+) -> EventRecord:
+    """`stage_event` of a job row (model column order), without building the job."""
+    data = dict(zip(KEYS, row, strict=False))
+    payload: dict[str, Any] = {"attempts": data["attempts"], "fence": data["lease_fence"]}
+    if data["tracker_item_id"] is not None:
+        payload["trackerItemId"] = data["tracker_item_id"]
+    return EventRecord(
+        product_id=data["product_id"], seq=seq, type=EventType.JOB_STAGE_CHANGED,
+        entity_id=data["id"], from_state=source.value, to_state=JobStage(data["stage"]).value,
+        created_at=created_at, payload=payload,
     )
 
 
@@ -217,6 +234,27 @@ class SqliteStatement:
             return binds, results
         return plan[1], plan[2]
 
+    def run(self, hop: SqliteHop, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        """Run on `hop`'s connection, in the driver's thread (see `SqliteHop`)."""
+        binds, results = self._processors(hop.dialect)
+        values = dict(params)
+        for name, process in binds.items():
+            if process is not None and name in values:
+                values[name] = process(values[name])
+        hop.sent.append((self.sql, values))
+        assert hop.connection is not None
+        fetched = hop.connection.execute(self.sql, values).fetchall()
+        typed = len(results)
+        return [
+            tuple(value if index >= typed or results[index] is None else results[index](value)
+                  for index, value in enumerate(row))
+            for row in fetched
+        ]
+
+    def first_of(self, hop: SqliteHop, params: Mapping[str, Any]) -> tuple[Any, ...] | None:
+        rows = self.run(hop, params)
+        return rows[0] if rows else None
+
     async def rows(
         self, session: AsyncSession, params: Mapping[str, Any]
     ) -> list[tuple[Any, ...]]:
@@ -254,3 +292,11 @@ class SqliteStatement:
 
 def sqlite_job_statement(sql: str, **binds: TypeEngine[Any]) -> SqliteStatement:
     return SqliteStatement(sql, binds=binds, results=JOB_TYPES)
+
+
+async def sqlite_hop(session: AsyncSession, fn: Callable[[SqliteHop], T]) -> T:
+    """`fn` in `session`'s transaction (begun, with its write lock, if need be), in
+    one hop to the driver's thread."""
+    connection = await session.connection()
+    driver = (await connection.get_raw_connection()).driver_connection
+    return await SqliteHop(connection.dialect).call(driver, fn, connection.sync_connection)

@@ -86,6 +86,12 @@ async def test_the_lease_holders_calls_answer_and_store_as_ever(
 
     runtime.services.db.after_commit = keep
     job = await submit(runtime, budget=1.0)
+    invalidated: list[Any] = []
+    pools = {runtime.services.db.engine.sync_engine.pool}
+    if (writer := runtime.services.db.writer_engine) is not None:
+        pools.add(writer.sync_engine.pool)  # SQLite: the one writer connection
+    for pool in pools:
+        event.listen(pool, "invalidate", lambda *args: invalidated.append(args))
     with statements(runtime) as sent:
         claimed = await claim(runtime)
         fence = claimed.lease_fence
@@ -107,6 +113,7 @@ async def test_the_lease_holders_calls_answer_and_store_as_ever(
     assert [(e.seq, e.from_state, e.to_state) for e in stored] == [
         (1, None, "QUEUED"), (2, "QUEUED", "ASSIGNED"), (3, "ASSIGNED", "BUILDING"),
         (4, "BUILDING", "QUEUED"), (5, "QUEUED", "ASSIGNED"), (6, "ASSIGNED", "SHIPPED")]
+    assert invalidated == []  # every connection went back to its pool as it was
     writes = [sql for sql in sent if sql.startswith(("WITH", "UPDATE", "INSERT"))]
     if store == "postgres":  # heads + assign, then one statement per call; no BEGIN
         assert len(writes) == 5, writes
