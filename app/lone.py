@@ -1,10 +1,10 @@
-"""A unit of work that runs alone on a pooled connection's driver (PostgreSQL).
+"""A unit of work that runs alone on a pooled connection's driver.
 
 `Database.unit_of_work(one_call=True)` (app.uow) declares that the caller makes one
 service call in it and nothing else — the lease holder's mutations.  The service
 may then ask for the `LoneUnit` (`lone_unit(session)`, None when not granted) and
-run its statements on asyncpg directly, with no SQLAlchemy session, execution
-context or greenlet hop in between:
+run its statements on the driver directly, with no SQLAlchemy session, execution
+context or greenlet hop in between.  PostgreSQL (asyncpg):
 
 * `run(work, then, transaction=False)`: `work` sends ONE statement, which is its own
   implicit transaction: PostgreSQL commits it when it ends.  No BEGIN and no COMMIT
@@ -12,6 +12,11 @@ context or greenlet hop in between:
   app.events.outbox) is held only while the server runs it, not while a client
   round trip and the client's event loop go by.
 * `run(work, then, transaction=True)`: BEGIN, `work`'s statements, COMMIT.
+
+SQLite (aiosqlite, the process's one writer connection): `run_sqlite(work, then)`:
+BEGIN IMMEDIATE, `work`'s statements and COMMIT in ONE hop to the driver's thread
+(`SqliteHop`), where a session takes a hop for each of them and one more for the
+pool's reset-on-return ROLLBACK.
 
 Why commit order is still sequence order (DESIGN §5).  A change-with-event
 statement bumps `products.last_event_seq` with an UPDATE; that row lock is held
@@ -30,11 +35,12 @@ The unit of work's contract holds:
   any further statement, flush or pending ORM change is a RuntimeError, so nothing
   can silently run outside that transaction;
 * side effects only after commit: `then`, called once committed, remembers the
-  event records on the session; the unit of work publishes them when it ends — and `run` runs to
-  completion in a task of its own, so a caller cancelled meanwhile (a client gone)
-  cannot leave a committed change unpublished;
-* store failures leave as the driver's errors, which app.uow turns into
-  SERVICE_UNAVAILABLE; the connection is then invalidated;
+  event records on the session; the unit of work publishes them when it ends — and
+  the run goes to completion in a task of its own, so a caller cancelled meanwhile
+  (a client gone) cannot leave a committed change unpublished;
+* store failures leave as the driver's errors (SQLite's as SQLAlchemy's DBAPIError),
+  which app.uow turns into SERVICE_UNAVAILABLE; a PostgreSQL connection is then
+  invalidated (a SQLite one was rolled back in its thread and goes back to the pool);
 * a dead pooled connection is replaced once: one found closed when handed out, and
   (explicit transaction) a BEGIN that fails on a lost connection, run again on a
   fresh one — nothing was sent, or nothing committed.  A single statement whose
@@ -73,8 +79,8 @@ class LoneUnit:
 
     async def run(self, work: Work[R], then: Callable[[R], T], *,
                   transaction: bool) -> T | None:
-        """`work(driver)` on an asyncpg connection of the pool, alone (see the module
-        docstring); None when it found nothing to change (it returned None), else
+        """PostgreSQL: `work(driver)` on an asyncpg connection of the pool, alone (see
+        the module docstring); None when it found nothing to change (it returned None), else
         `then` of what it returned, called once committed — at once, so that the
         locks of an explicit transaction are held no longer than they must be."""
         self.used = True
@@ -113,7 +119,6 @@ class LoneUnit:
             self.sealed = True
             return then(done)
         raise AssertionError("unreachable")
-
 
     async def run_sqlite(self, work: Callable[[SqliteHop], R | None],
                          then: Callable[[R], T]) -> T | None:
@@ -196,7 +201,6 @@ class SqliteHop:
                 dispatch.after_cursor_execute(conn, None, sql, values, None, False)
 
 
-
 def _give_back(fairy: Any) -> None:
     """Return a pooled connection whose transaction has ended (committed or rolled
     back on the driver) without the pool's reset-on-return ROLLBACK, a round trip —
@@ -206,8 +210,8 @@ def _give_back(fairy: Any) -> None:
 
 
 def lone_unit(session: AsyncSession) -> LoneUnit | None:
-    """The session's `LoneUnit` when its unit of work was opened with `one_call=True`
-    (PostgreSQL), the unit has not run yet and nothing else ran in the session."""
+    """The session's `LoneUnit` when its unit of work was opened with `one_call=True`,
+    the unit has not run yet and nothing else ran in the session."""
     lone: LoneUnit | None = session.info.get(LONE_KEY)
     if lone is None or lone.used or session.in_transaction() or session.identity_map:
         return None

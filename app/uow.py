@@ -25,8 +25,8 @@ its statements on a pooled connection's driver with no SQLAlchemy session in
 between (`app.lone.LoneUnit`): on PostgreSQL a single statement as its own implicit
 transaction — no BEGIN, no COMMIT round trip — or a few in one explicit transaction
 that the unit of work commits itself; on SQLite BEGIN, the statements and COMMIT in
-one hop to the writer connection's thread.  The contract is the same: the service never
-commits, events are published only after the commit, store failures are
+one hop to the writer connection's thread.  The contract is the same: the service
+never commits, events are published only after the commit, store failures are
 SERVICE_UNAVAILABLE, a connection dead when handed out is replaced once.
 """
 
@@ -45,10 +45,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from app.db import SqliteWriter, snapshot_engine, sqlite_writer, writer_engine
 from app.errors import StoreUnavailableError
 from app.events.outbox import EventRecord, discard_recorded, take_recorded
-from app.lone import LONE_KEY, LoneUnit, lone_unit, sealed
+from app.lone import LONE_KEY, LoneUnit, sealed
 from app.tasks import run_to_completion
-
-__all__ = ["LoneUnit", "lone_unit"]
 
 logger = logging.getLogger(__name__)
 
