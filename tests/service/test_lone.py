@@ -251,8 +251,8 @@ async def test_after_a_change_alone_the_unit_of_work_takes_nothing_more(
 async def waiting_for_a_lock(rt: Runtime) -> bool:
     async with rt.services.db.read() as session:  # a fresh statistics snapshot
         return bool((await session.execute(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE 'WITH clock%'"))).scalar_one())
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE 'WITH clock%'"))).scalar_one())
 
 
 def publishing(rt: Runtime) -> list[EventRecord]:
