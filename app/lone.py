@@ -58,6 +58,7 @@ import asyncpg
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.util import greenlet_spawn
 
 from app.tasks import run_to_completion
 
@@ -113,7 +114,7 @@ class LoneUnit:
             except BaseException:
                 fairy.invalidate()  # in a state nobody knows; closed without a round trip
                 raise
-            _give_back(fairy)
+            await _give_back(fairy)
             if done is None:
                 return None
             self.sealed = True
@@ -149,11 +150,11 @@ class LoneUnit:
                 fairy.driver_connection, unit, self.engine.sync_engine)
         except BaseException as exc:
             if isinstance(exc, DBAPIError):
-                _give_back(fairy)  # the transaction was rolled back or never began
+                await _give_back(fairy)  # the transaction was rolled back or never began
             else:
                 fairy.invalidate()
             raise
-        _give_back(fairy)
+        await _give_back(fairy)
         if done is None:
             return None
         self.sealed = True
@@ -201,12 +202,13 @@ class SqliteHop:
                 dispatch.after_cursor_execute(conn, None, sql, values, None, False)
 
 
-def _give_back(fairy: Any) -> None:
+async def _give_back(fairy: Any) -> None:
     """Return a pooled connection whose transaction has ended (committed or rolled
-    back on the driver) without the pool's reset-on-return ROLLBACK, a round trip —
-    on SQLite a hop to the driver's thread, and outside a greenlet an error — the
-    way SQLAlchemy's own Connection returns one after its COMMIT."""
-    fairy._close_special(transaction_reset=True)
+    back on the driver) without the pool's reset-on-return ROLLBACK, a round trip (on
+    SQLite a hop to the driver's thread), the way SQLAlchemy's own Connection returns
+    one after its COMMIT.  In a greenlet: a pool already full of idle connections
+    closes an overflow one instead, and that close awaits the driver."""
+    await greenlet_spawn(fairy._close_special, transaction_reset=True)
 
 
 def lone_unit(session: AsyncSession) -> LoneUnit | None:

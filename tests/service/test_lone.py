@@ -353,3 +353,26 @@ async def test_a_store_failure_alone_is_service_unavailable_and_changes_nothing(
     # the pool serves as usual afterwards
     moved = await one_call(rt, "transition_job", job.id, fence, JobStage.BUILDING)
     assert moved.stage == JobStage.BUILDING
+
+
+async def test_overflow_connections_go_back_closed_not_leaked(
+    make_runtime: Any, make_token: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """More concurrent calls alone than the pool keeps: the overflow connections are
+    closed when they come back (which awaits the driver), not dropped open."""
+    await make_token(PRODUCT, Role.WORKER)
+    rt = await make_runtime(db_pool_size=1, db_max_overflow=6)
+    for n in range(6):
+        await submit(rt, title=f"job {n}")
+    closed: list[Any] = []
+    event.listen(rt.services.db.engine.sync_engine.pool, "close", lambda *a: closed.append(a))
+    with caplog.at_level("ERROR", logger="sqlalchemy.pool"):
+        jobs = await asyncio.gather(*(
+            one_call(rt, "claim_next_job", WorkerProfile(f"w{n}")) for n in range(6)))
+        await asyncio.gather(*(
+            one_call(rt, "transition_job", job.id, job.lease_fence, JobStage.BUILDING)
+            for job in jobs))
+    assert sorted(job.id for job in jobs) == sorted({job.id for job in jobs})
+    assert not [r for r in caplog.records if "closing connection" in r.getMessage()]
+    if rt.services.db.dialect == "postgresql":
+        assert closed  # the pool did close overflow connections, and without an error
