@@ -123,6 +123,8 @@ async def test_a_slow_subscriber_falls_back_to_the_log_and_nobody_else_waits(acm
             await member.data(SUBMIT, title=f"change {n}")
         others = [await events_of(client, op, changes) for client, op in ops]
         assert shared.broadcasts > broadcasts  # the others were broadcast to
+        with pytest.raises(TimeoutError):  # nothing is written to a paused transport
+            await slow.receive(slow_op, timeout=0.5)
         served.resume_writing()
         late = await events_of(slow, slow_op, changes)
         with pytest.raises(TimeoutError):

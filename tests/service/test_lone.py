@@ -15,6 +15,9 @@ unit of work:
 * a caller cancelled while its statement runs still gets its committed change
   published;
 * a pooled connection found dead when handed out is replaced once, not an error.
+* the claim alone keeps SKIP LOCKED; a call after another statement joins the
+  session's transaction instead of running alone; a COMMIT that fails publishes
+  nothing and stores nothing.
 """
 
 from __future__ import annotations
@@ -25,16 +28,18 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event, select, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.auth.models import Role
-from app.errors import ConflictError, NotFoundError
+from app.errors import ConflictError, NotFoundError, StoreUnavailableError
 from app.events.models import Event
 from app.events.outbox import EventRecord
 from app.events.service import JOB_STAGE_EVENTS, filter_for
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec
-from app.lone import LoneUnit
+from app.lone import LONE_KEY, LoneUnit
 from app.main import Runtime
 from tests.service.test_cycle import columns, last_seq, load, statements, stored_events
 
@@ -217,6 +222,54 @@ async def test_cursors_stay_gap_free_and_in_commit_order_across_two_engines(
     assert len({len(seqs) for seqs in snapshots}) > 2  # the reader saw the log grow
     for seqs in snapshots:
         assert seqs == list(range(1, len(seqs) + 1)), seqs  # never n + 1 without n
+
+
+@postgres_only
+async def test_a_claim_alone_skips_a_head_another_transaction_holds(runtime: Runtime) -> None:
+    """The one-call claim keeps SKIP LOCKED: a head locked elsewhere is passed over at
+    once, not waited for (DESIGN §4, the claim)."""
+    first, second = await submit(runtime, title="first"), await submit(runtime, title="second")
+    async with runtime.services.db.read() as session:
+        await session.execute(select(Job.id).where(Job.id == first.id).with_for_update())
+        job = await asyncio.wait_for(claim(runtime), 5.0)
+    assert job.id == second.id
+    assert (await claim(runtime)).id == first.id  # once the lock is gone
+
+
+async def test_a_commit_that_fails_publishes_nothing(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Side effects only after commit (app.uow): when COMMIT itself fails, the events
+    the unit of work recorded are neither handed to the commit hook nor stored."""
+    published = publishing(runtime)
+
+    async def cut(self: AsyncSession) -> None:
+        raise OperationalError("COMMIT", {}, ConnectionResetError("cut off"))
+
+    with monkeypatch.context() as patch:
+        patch.setattr(AsyncSession, "commit", cut)
+        with pytest.raises(StoreUnavailableError):
+            await submit(runtime, title="never committed")
+    assert published == []
+    assert await stored_events(runtime) == []
+    assert (await submit(runtime, title="next")).title == "next"  # the store serves on
+    assert [record.seq for record in published] == [1]
+
+
+async def test_a_call_after_another_statement_stays_in_the_sessions_transaction(
+    runtime: Runtime,
+) -> None:
+    """Once the session has begun its transaction, the call is not run alone: it joins
+    that transaction and commits with the unit of work (app.lone.lone_unit)."""
+    job = await submit(runtime)
+    fence = (await claim(runtime)).lease_fence
+    async with runtime.services.db.unit_of_work(one_call=True) as session:
+        assert (await session.execute(text("SELECT 1"))).scalar_one() == 1
+        moved = await asyncio.wait_for(runtime.services.fleet.transition_job(
+            session, PRODUCT, job.id, fence, JobStage.BUILDING), 5.0)
+        assert moved.stage is JobStage.BUILDING
+        assert not session.info[LONE_KEY].used
+    assert (await load(runtime, job.id)).stage is JobStage.BUILDING
 
 
 # -- sealed, cancelled, replaced -------------------------------------------------

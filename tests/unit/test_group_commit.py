@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from app.bridge.group_commit import GroupCommit, Take
+from app.bridge.service import _unique
 
 
 class Runs:
@@ -136,3 +137,10 @@ async def test_idle_waits_for_the_run_under_way() -> None:
     runs.gate.set()
     await asyncio.gather(caller, idle)
     await asyncio.wait_for(group.idle(), 5)  # nothing under way: returns at once
+
+
+def test_a_group_echoes_each_job_once_in_the_order_its_requests_came() -> None:
+    """Echoes of one item see what the earlier ones decided (app.bridge.service), so a
+    group run keeps the order of arrival, each job at its first place."""
+    requests = [[("acme", [5])], [("acme", [3, 5]), ("globex", [1])], [("acme", [2])]]
+    assert _unique(requests) == [("acme", 5), ("acme", 3), ("globex", 1), ("acme", 2)]
