@@ -16,7 +16,7 @@ Either way the record is handed to the hub with `remember_event`, as
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -82,7 +82,22 @@ async def pg_change(
     """PostgreSQL: run a change-with-event statement; remember its event.  Alone
     (its own implicit transaction) when the unit of work is this one call."""
     created_at = utcnow()
-    args = {**params, "event_created_at": created_at}
+    return await _pg_first(session, statement, {**params, "event_created_at": created_at},
+                           lambda row: pg_changed(session, row, created_at))
+
+
+async def pg_job_change(
+    session: AsyncSession, statement: PgStatement, params: dict[str, Any]
+) -> Job | None:
+    """PostgreSQL: a change without an event (heartbeat); alone as `pg_change`."""
+    return await _pg_first(session, statement, params, lambda row: job_from_row(session, row))
+
+
+async def _pg_first(session: AsyncSession, statement: PgStatement, args: dict[str, Any],
+                    then: Callable[[Sequence[Any]], Job]) -> Job | None:
+    """`then` of the statement's first row (None when it matched nothing): alone on the
+    driver, as its own implicit transaction, when the unit of work is this one call;
+    else in the session's transaction."""
     lone = lone_unit(session)
     if lone is not None:
         bind = session.get_bind()
@@ -91,28 +106,9 @@ async def pg_change(
             rows = await statement.fetch(driver, bind.dialect, args, bind)
             return rows[0] if rows else None
 
-        return await lone.run(alone, lambda row: pg_changed(session, row, created_at),
-                              transaction=False)
+        return await lone.run(alone, then, transaction=False)
     row = await statement.first(session, args)
-    return None if row is None else pg_changed(session, row, created_at)
-
-
-async def pg_job_change(
-    session: AsyncSession, statement: PgStatement, params: dict[str, Any]
-) -> Job | None:
-    """PostgreSQL: a change without an event (heartbeat); alone as `pg_change`."""
-    lone = lone_unit(session)
-    if lone is not None:
-        bind = session.get_bind()
-
-        async def alone(driver: Any) -> Sequence[Any] | None:
-            rows = await statement.fetch(driver, bind.dialect, params, bind)
-            return rows[0] if rows else None
-
-        return await lone.run(alone, lambda row: job_from_row(session, row),
-                              transaction=False)
-    row = await statement.first(session, params)
-    return None if row is None else job_from_row(session, row)
+    return None if row is None else then(row)
 
 
 _SQLITE_BUMP = SqliteStatement(
