@@ -148,7 +148,7 @@ async def test_a_refusal_alone_is_the_same_and_changes_nothing(
     assert await last_seq(runtime) == seq
 
 
-# -- commit order ------------------------------------------------------------------
+# -- locks, commits and transactions -----------------------------------------------
 
 
 @postgres_only
