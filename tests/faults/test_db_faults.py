@@ -124,10 +124,12 @@ async def test_connections_cut_again_and_again_under_load(
                                db_timeout_seconds=TIMEOUT)
     tally = Tally()
     sent = 0
+    cutting = asyncio.Event()  # set once the last cut has healed
 
     async def client(http: httpx.AsyncClient, n: int) -> None:
         nonlocal sent
-        while sent < REQUESTS:
+        # The load lasts through every cut, however fast the requests are.
+        while sent < REQUESTS or not cutting.is_set():
             sent += 1
             body = await post(http, token, CREATE, tally, t=f"load {n}-{sent}")
             if body and not body.get("errors"):
@@ -141,6 +143,7 @@ async def test_connections_cut_again_and_again_under_load(
             proxy.cut()
             await asyncio.sleep(CUT_SECONDS)
             proxy.refusing = False
+        cutting.set()
 
     async with httpx.AsyncClient(base_url=server.url, timeout=30) as http:
         await asyncio.gather(faults(), *(client(http, n) for n in range(CLIENTS)))
