@@ -13,31 +13,33 @@ CONFLICT) or apply the change with the ORM.  Both paths give the same results.
 
 from __future__ import annotations
 
-import enum
 import random
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import database_now
 from app.errors import BadUserInputError, ConflictError, NotFoundError
-from app.events.models import EventType
-from app.events.outbox import record_event
 from app.fleet import cycle, repository
-from app.fleet.models import Job, JobStage, Priority
+from app.fleet.models import Job, JobStage
+from app.fleet.moves import finish, record_stage, requeue
+from app.fleet.records import (
+    FleetPolicy,
+    JobSpec,
+    MetricsDelta,
+    ReapResult,
+    SubmitOutcome,
+    SubmitResult,
+)
 from app.fleet.scheduler import WorkerProfile, select_job
 from app.fleet.stages import (
     ACTIVE_STAGES,
     BUDGET_EXCEEDED_REASON,
     can_worker_move,
     is_terminal,
-    jittered,
     over_budget,
-    retry_backoff_seconds,
 )
 from app.pagination import Page, decode_cursor, make_page
 from app.tracker import repository as tracker_repository
@@ -46,55 +48,10 @@ from app.tracker.models import ItemStatus
 JOB_CURSOR = "job"
 REAPED_REASON = "lease expired"
 ITEM_CANCELLED_REASON = "item cancelled"
-
-
-class SubmitOutcome(enum.StrEnum):
-    CREATED = "CREATED"
-    DEDUPED = "DEDUPED"
-
-
-@dataclass(frozen=True, slots=True)
-class FleetPolicy:
-    lease_seconds: int = 300
-    aging_seconds: int = 600
-    retry_backoff_seconds: float = 30.0
-    retry_backoff_max_seconds: float = 3_600.0
-    # The random fraction of each backoff (0 none, 0.5 equal jitter, 1 full jitter).
-    retry_backoff_jitter: float = 0.5
-
-
-@dataclass(frozen=True, slots=True)
-class JobSpec:
-    title: str
-    body_md: str
-    kind: str = "code"
-    priority: Priority = Priority.NORMAL
-    capabilities: tuple[str, ...] = ()
-    engine_class: str | None = None
-    profile: str | None = None
-    budget: float | None = None
-    max_attempts: int = 3
-    idempotency_key: str | None = None
-    tracker_item_id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class MetricsDelta:
-    cost_usd: float = 0.0
-    tokens_in: int = 0
-    tokens_out: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class SubmitResult:
-    job: Job
-    outcome: SubmitOutcome
-
-
-@dataclass(frozen=True, slots=True)
-class ReapResult:
-    requeued: tuple[int, ...] = ()
-    failed: tuple[int, ...] = ()
+__all__ = [
+    "FleetPolicy", "FleetService", "JobSpec", "MetricsDelta", "ReapResult", "SubmitOutcome",
+    "SubmitResult",
+]
 
 
 CandidateSource = Callable[[AsyncSession, str, WorkerProfile, datetime], Awaitable[Sequence[Job]]]
@@ -202,7 +159,7 @@ class FleetService:
             if existing is None:
                 raise
             return SubmitResult(existing, SubmitOutcome.DEDUPED)
-        await self._record_stage(session, job, None)
+        await record_stage(session, job, None)
         return SubmitResult(job, SubmitOutcome.CREATED)
 
     # -- the lease holder's calls -------------------------------------------
@@ -295,19 +252,19 @@ class FleetService:
         source = job.stage
         if over_budget(job.cost_usd, job.budget):
             job.failure_reason = BUDGET_EXCEEDED_REASON
-            self._finish(job, JobStage.FAILED, now)
+            finish(job, JobStage.FAILED, now)
         elif to == JobStage.FAILED:
             job.failure_reason = reason
             if retryable and job.attempts < job.max_attempts:
-                self._requeue(job, now)
+                requeue(job, now, self.policy, self._random.random())
             else:
-                self._finish(job, JobStage.FAILED, now)
+                finish(job, JobStage.FAILED, now)
         elif to == JobStage.SHIPPED:
-            self._finish(job, JobStage.SHIPPED, now)
+            finish(job, JobStage.SHIPPED, now)
         else:
             job.stage = to
             job.updated_at = now
-        await self._record_stage(session, job, source)
+        await record_stage(session, job, source)
         return job
 
     async def release_job(
@@ -335,7 +292,7 @@ class FleetService:
         job.not_before = None
         job.failure_reason = reason
         job.updated_at = now
-        await self._record_stage(session, job, source)
+        await record_stage(session, job, source)
         return job
 
     # -- a member's calls ----------------------------------------------------
@@ -383,7 +340,7 @@ class FleetService:
         job.not_before = None
         job.queued_at = now
         job.updated_at = now
-        await self._record_stage(session, job, source)
+        await record_stage(session, job, source)
         return job
 
     # -- background ----------------------------------------------------------
@@ -397,12 +354,12 @@ class FleetService:
             source = job.stage
             job.failure_reason = REAPED_REASON
             if job.attempts < job.max_attempts:
-                self._requeue(job, now)
+                requeue(job, now, self.policy, self._random.random())
                 requeued.append(job.id)
             else:
-                self._finish(job, JobStage.FAILED, now)
+                finish(job, JobStage.FAILED, now)
                 failed.append(job.id)
-            await self._record_stage(session, job, source)
+            await record_stage(session, job, source)
         return ReapResult(requeued=tuple(requeued), failed=tuple(failed))
 
     # -- helpers -------------------------------------------------------------
@@ -439,45 +396,5 @@ class FleetService:
         source = job.stage
         job.lease_fence += 1  # whoever holds it can no longer write
         job.failure_reason = reason
-        self._finish(job, JobStage.CANCELLED, now)
-        await self._record_stage(session, job, source)
-
-    def _requeue(self, job: Job, now: datetime) -> None:
-        delay = jittered(
-            retry_backoff_seconds(
-                job.attempts, base=self.policy.retry_backoff_seconds,
-                cap=self.policy.retry_backoff_max_seconds,
-            ),
-            self.policy.retry_backoff_jitter, self._random.random(),
-        )
-        job.stage = JobStage.QUEUED
-        job.lease_fence += 1
-        job.lease_worker_id = None
-        job.lease_expires_at = None
-        job.not_before = now + timedelta(seconds=delay)
-        job.queued_at = job.not_before
-        job.updated_at = now
-
-    @staticmethod
-    def _finish(job: Job, stage: JobStage, now: datetime) -> None:
-        job.stage = stage
-        job.lease_worker_id = None
-        job.lease_expires_at = None
-        job.finished_at = now
-        job.updated_at = now
-
-    @staticmethod
-    async def _record_stage(session: AsyncSession, job: Job, source: JobStage | None) -> None:
-        await session.flush()
-        payload: dict[str, Any] = {"attempts": job.attempts, "fence": job.lease_fence}
-        if job.tracker_item_id is not None:
-            payload["trackerItemId"] = job.tracker_item_id
-        await record_event(
-            session,
-            product_id=job.product_id,
-            type=EventType.JOB_CREATED if source is None else EventType.JOB_STAGE_CHANGED,
-            entity_id=job.id,
-            from_state=None if source is None else source.value,
-            to_state=job.stage.value,
-            payload=payload,
-        )
+        finish(job, JobStage.CANCELLED, now)
+        await record_stage(session, job, source)
