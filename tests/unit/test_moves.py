@@ -18,11 +18,12 @@ def held(attempts: int) -> Job:
 
 
 def test_requeue_raises_the_fence_drops_the_lease_and_waits_out_the_backoff() -> None:
-    job = held(attempts=3)  # the third attempt failed: 4 × base before the fourth
+    job = held(attempts=3)  # the third attempt failed: 4 x base before the fourth
     requeue(job, NOW, FleetPolicy(retry_backoff_seconds=10.0, retry_backoff_jitter=0.5), 0.5)
     assert job.stage is JobStage.QUEUED
     assert job.lease_fence == 5  # the old lease can no longer write
-    assert job.lease_worker_id is None and job.lease_expires_at is None
+    assert job.lease_worker_id is None
+    assert job.lease_expires_at is None
     assert job.not_before == NOW + timedelta(seconds=30.0)  # 40 s, its last half drawn at 0.5
     assert job.queued_at == job.not_before  # aging starts once it may run again
     assert job.updated_at == NOW
@@ -40,5 +41,6 @@ def test_finish_ends_the_lease_and_stamps_the_end() -> None:
     job = held(attempts=1)
     finish(job, JobStage.SHIPPED, NOW)
     assert (job.stage, job.finished_at, job.updated_at) == (JobStage.SHIPPED, NOW, NOW)
-    assert job.lease_worker_id is None and job.lease_expires_at is None
+    assert job.lease_worker_id is None
+    assert job.lease_expires_at is None
     assert job.lease_fence == 4  # finishing does not fence: the holder's last write was it

@@ -1,0 +1,124 @@
+"""Faults injected into a claim that runs alone (`unit_of_work(one_call=True)`,
+app.lone), PostgreSQL: the claim alone is an explicit transaction (BEGIN; heads
+`FOR UPDATE SKIP LOCKED`; assignment + event; COMMIT) on the driver.
+
+* its heads stay locked until its assignment commits, so a claimer that comes
+  between the two passes over them (DESIGN §4, the claim): the transaction is real;
+* a COMMIT that fails stores nothing and publishes nothing, and the store serves on;
+* a BEGIN that meets a lost connection is run again, once, on a fresh one — nothing
+  was sent, so nothing can have committed (app.lone, "a dead pooled connection is
+  replaced once").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from app.auth.models import Role
+from app.errors import StoreUnavailableError
+from app.fleet import claim as claim_module
+from app.fleet.models import Job, JobStage
+from app.fleet.scheduler import WorkerProfile
+from app.lone import LoneUnit
+from app.main import Runtime
+from tests.service.test_cycle import last_seq, load, stored_events
+from tests.service.test_lone import PRODUCT, claim, one_call, publishing, submit
+
+DEADLINE = 20.0
+pytestmark = pytest.mark.parametrize("store", ["postgres"])
+
+
+@pytest.fixture
+async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
+    await make_token(PRODUCT, Role.WORKER)
+    result: Runtime = await make_runtime()
+    return result
+
+
+async def test_a_claim_alone_holds_its_head_until_its_assignment_commits(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Claim A is held between its heads and its assignment while claim B runs from
+    start to end: B passes over A's locked head and takes the next job, and A then
+    assigns the head it read.  Were A's heads read outside its transaction, B would
+    take A's head and A's assignment would match nothing."""
+    first, second = await submit(runtime, title="first"), await submit(runtime, title="second")
+    between, go = asyncio.Event(), asyncio.Event()
+    assign = claim_module._PG_ASSIGN.fetch
+
+    async def held_back(*args: Any, **kw: Any) -> Any:
+        if not between.is_set():
+            between.set()
+            await go.wait()
+        return await assign(*args, **kw)
+
+    monkeypatch.setattr(claim_module._PG_ASSIGN, "fetch", held_back)
+    claim_a = asyncio.create_task(claim(runtime))
+    async with asyncio.timeout(DEADLINE):
+        await between.wait()
+        job_b = await claim(runtime)
+        go.set()
+        job_a = await claim_a
+    assert (job_a.id, job_b.id) == (first.id, second.id)
+    assert [e.entity_id for e in await stored_events(runtime)][-2:] == [second.id, first.id]
+
+
+async def test_a_claim_alone_whose_commit_fails_stores_and_publishes_nothing(
+    runtime: Runtime,
+) -> None:
+    """A deferred constraint trigger fails the claim's COMMIT (as a serialization
+    failure would): SERVICE_UNAVAILABLE, the job still QUEUED, no sequence number
+    used, nothing handed to the hub; the next claim takes the job as usual."""
+    job = await submit(runtime)
+    seq = await last_seq(runtime)
+    async with runtime.services.db.unit_of_work() as session:
+        await session.execute(text(
+            "CREATE FUNCTION refuse_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$"
+            " BEGIN RAISE EXCEPTION 'refused at commit' USING ERRCODE = 'serialization_failure';"
+            " END $$"))
+        await session.execute(text(
+            "CREATE CONSTRAINT TRIGGER refuse_at_commit AFTER UPDATE ON jobs"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW"
+            " WHEN (NEW.lease_worker_id = 'doomed') EXECUTE FUNCTION refuse_at_commit()"))
+    published = publishing(runtime)
+    with pytest.raises(StoreUnavailableError):
+        await one_call(runtime, "claim_next_job", WorkerProfile("doomed"))
+    assert published == []
+    stored = await load(runtime, job.id)
+    assert (stored.stage, stored.attempts, stored.lease_fence) == (JobStage.QUEUED, 0, 0)
+    assert await last_seq(runtime) == seq
+    assert (await claim(runtime)).id == job.id
+    assert [(e.entity_id, e.seq, e.to_state) for e in published] == [(job.id, seq + 1, "ASSIGNED")]
+
+
+async def test_a_claim_alone_whose_begin_meets_a_lost_connection_runs_on_a_fresh_one(
+    runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection handed out looks alive but is lost when BEGIN is sent (the
+    server went away between checkout and use): the claim runs on a new connection
+    instead of answering SERVICE_UNAVAILABLE."""
+    job = await submit(runtime)
+    lost: list[asyncpg.Connection[Any]] = []
+    execute = asyncpg.Connection.execute
+
+    async def losing(self: asyncpg.Connection[Any], query: str, *args: Any, **kw: Any) -> Any:
+        if query == "BEGIN" and not lost:
+            lost.append(self)
+            self.terminate()
+            raise asyncpg.ConnectionDoesNotExistError(
+                "connection was closed in the middle of operation")
+        return await execute(self, query, *args, **kw)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", losing)
+    retried = LoneUnit.retried
+    claimed: Job = await asyncio.wait_for(claim(runtime), DEADLINE)
+    assert lost
+    assert lost[0].is_closed()
+    assert LoneUnit.retried == retried + 1
+    assert claimed.id == job.id
+    assert (await load(runtime, job.id)).stage is JobStage.ASSIGNED
