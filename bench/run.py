@@ -16,7 +16,8 @@ the real migrations:
 2. requests — `{ __typename }` anonymous and with a token, `{ viewer { role } }` and the
    claim + transitions over GraphQL on one served process, server CPU per request.
    bench/served.py.
-3. latency — the indexed claim's median at 1k queued jobs and at 1M (--quick: 20k).
+3. latency — the indexed claim's median at 1k queued jobs and at 1M (--quick: 20k),
+   the two queues sampled alternately.
 4. fan-out — bench/bench_fanout.py (its own --json), when present.
 
 CPU figures are milliseconds of process CPU per operation (this process for the cycle,
@@ -63,9 +64,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return {"cycle_jobs": 60, "requests": 90, "concurrency": 4,
-                "small_queue": 1_000, "large_queue": 20_000, "latency_samples": 15}
+                "small_queue": 1_000, "large_queue": 20_000, "latency_samples": 21}
     return {"cycle_jobs": 600, "requests": 600, "concurrency": 4,
-            "small_queue": 1_000, "large_queue": 1_000_000, "latency_samples": 31}
+            "small_queue": 1_000, "large_queue": 1_000_000, "latency_samples": 101}
 
 
 def log(message: str) -> None:
@@ -132,43 +133,73 @@ def part_requests(kind: str, scratch: Path, size: dict[str, int]) -> dict[str, A
     return out
 
 
-async def _claim_latency(url: str, queued: int, samples: int) -> dict[str, float]:
+async def _claim_latencies(urls: dict[str, str], queued: dict[str, int],
+                           samples: int) -> dict[str, dict[str, float]]:
+    """Median and p90 claim latency (ms, `claimNextJob`'s unit of work of one call, as
+    served) on each database of `urls`, its queue `queued[label]` jobs long.  Every
+    queue is seeded and settled first (VACUUM ANALYZE; on SQLite ANALYZE and a WAL
+    checkpoint); then the samples alternate between the queues,
+    round by round and in turn first, so that what the machine does meanwhile (the
+    checkpoint and autovacuum that follow a million-row load, other processes) falls
+    on every size alike."""
     from bench_claim import PRODUCT
     from cycle import ALL_CAPS, seed_jobs
-    from sqlalchemy import text
 
     from app.db import create_engine
     from app.fleet.service import FleetPolicy, FleetService
     from app.uow import Database
 
-    db = Database(create_engine(url))
+    dbs = {label: Database(create_engine(url)) for label, url in urls.items()}
     try:
-        await seed_jobs(db, queued)
-        async with db.unit_of_work() as session:
-            await session.execute(text("ANALYZE"))
+        for label, db in dbs.items():
+            await seed_jobs(db, queued[label])
+            # settled as a queue that has stood a while: vacuumed and analyzed (what
+            # autovacuum does after a load), SQLite's WAL checkpointed into the file
+            postgres = db.engine.dialect.name == "postgresql"
+            for sql in (("VACUUM ANALYZE",) if postgres
+                        else ("ANALYZE", "PRAGMA wal_checkpoint(TRUNCATE)")):
+                async with db.engine.connect() as connection:
+                    auto = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    await auto.exec_driver_sql(sql)
         service = FleetService(FleetPolicy())
-        times = []
+        times: dict[str, list[float]] = {label: [] for label in dbs}
+        order = list(dbs)
         for n in range(samples + 1):
-            started = time.perf_counter()
-            async with db.unit_of_work() as session:
-                job = await service.claim_next_job(session, PRODUCT, ALL_CAPS)
-            assert job is not None, "the queue ran dry"
-            if n:  # the first one warms the pool and the statement caches
-                times.append((time.perf_counter() - started) * 1e3)
-        return {"queued": queued, "median_ms": statistics.median(times),
-                "p90_ms": percentile(times, 90)}
+            for label in order if n % 2 else reversed(order):
+                started = time.perf_counter()
+                async with dbs[label].unit_of_work(one_call=True) as session:
+                    job = await service.claim_next_job(session, PRODUCT, ALL_CAPS)
+                assert job is not None, "the queue ran dry"
+                if n:  # the first round warms the pools and the statement caches
+                    times[label].append((time.perf_counter() - started) * 1e3)
+        return {label: {"queued": queued[label], "median_ms": statistics.median(found),
+                        "p90_ms": percentile(found, 90)}
+                for label, found in times.items()}
     finally:
-        await db.dispose()
+        for db in dbs.values():
+            await db.dispose()
 
 
 def part_latency(kind: str, scratch: Path, size: dict[str, int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for label in ("small_queue", "large_queue"):
-        queued = size[label]
-        log(f"  {kind}: claim latency at {queued:,} queued")
-        out[label] = in_store(kind, scratch, lambda url, queued=queued: asyncio.run(
-            _claim_latency(url, queued, size["latency_samples"])))
-        log(f"    {json.dumps(out[label])}")
+    from bench_claim import drop_store, fresh_store
+
+    labels = ("small_queue", "large_queue")
+    queued = {label: size[label] for label in labels}
+    log(f"  {kind}: claim latency at {queued['small_queue']:,} and"
+        f" {queued['large_queue']:,} queued, alternated")
+    stores = []
+    try:
+        for _ in labels:
+            store = fresh_store(kind, scratch)
+            assert store is not None
+            stores.append(store)
+        out: dict[str, Any] = asyncio.run(_claim_latencies(
+            {label: store.url for label, store in zip(labels, stores, strict=True)},
+            queued, size["latency_samples"]))
+    finally:
+        for store in stores:
+            drop_store(store)
+    log(f"    {json.dumps(out)}")
     out["ratios"] = {"large_vs_small": ratio(out["large_queue"]["median_ms"],
                                              out["small_queue"]["median_ms"])}
     return out
