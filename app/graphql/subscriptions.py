@@ -32,8 +32,8 @@ from app.events.service import ITEM_STATUS_EVENTS, JOB_STAGE_EVENTS, filter_for
 from app.graphql.broadcast import broadcast
 from app.graphql.context import Context
 from app.graphql.delivery import direct_sender
+from app.graphql.event_types import ItemStatusEvent, JobStageEvent
 from app.graphql.ids import parse_id
-from app.graphql.types import ItemStatusEvent, JobStageEvent
 
 Payload = TypeVar("Payload")
 
