@@ -28,6 +28,15 @@ releases a transaction's locks after its commit is recorded and visible).  Hence
 seq n+1 commits after seq n, every snapshot that shows n+1 shows n, and NOTIFY —
 queued at commit, under the same lock — reaches listeners in sequence order.
 
+Group commit (`run_queued`, app.fleet.change_groups).  While one change of a product
+is in flight, the process's next changes of it queue, and then run as ONE implicit
+transaction: asyncpg's `fetchmany`, one Bind and Execute per change and a single
+Sync.  The argument above holds for that transaction of N statements: the first
+bump takes the row lock and keeps it to the end, so the N bumps take N consecutive
+numbers with nobody else's in between, and all N commit at once — a snapshot shows
+none of them or all of them, each after every number before it; the NOTIFYs are
+queued at that one commit, in statement order.
+
 The unit of work's contract holds:
 * the service does not commit: `run` does, as the unit of work's machinery, and
   only because the caller declared the call to be the whole unit of work; once a
@@ -67,7 +76,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 Work = Callable[[Any], Awaitable[R | None]]
 
-_LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+LOST = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 
 
 class LoneUnit:
@@ -87,39 +96,25 @@ class LoneUnit:
         self.used = True
         return await run_to_completion(self._run(work, then, transaction))
 
+    async def run_queued(self, done: Callable[[], Awaitable[R | None]],
+                         then: Callable[[R], T]) -> T | None:
+        """PostgreSQL: as `run`, for a statement another task runs for this call — the
+        group commit of `app.fleet.change_groups`: `done()` waits until it has run
+        (committed) and returns its row, or None when it changed nothing."""
+        self.used = True
+        return await run_to_completion(self._finish(done, then))
+
     async def _run(self, work: Work[R], then: Callable[[R], T],
                    transaction: bool) -> T | None:
-        for attempt in (1, 2):
-            fairy = await self.engine.raw_connection()
-            driver: Any = fairy.driver_connection
-            replace = driver is None or driver.is_closed()
-            if not replace and transaction:
-                try:
-                    await driver.execute("BEGIN")
-                except _LOST:
-                    replace = True
-                except BaseException:
-                    fairy.invalidate()
-                    raise
-            if replace:
-                fairy.invalidate()
-                if attempt == 2:
-                    raise asyncpg.InterfaceError("the pooled connection was closed")
-                LoneUnit.retried += 1
-                continue
-            try:
-                done = await work(driver)
-                if transaction:
-                    await driver.execute("COMMIT")
-            except BaseException:
-                fairy.invalidate()  # in a state nobody knows; closed without a round trip
-                raise
-            await _give_back(fairy)
-            if done is None:
-                return None
-            self.sealed = True
-            return then(done)
-        raise AssertionError("unreachable")
+        return await self._finish(lambda: on_driver(self.engine, work, transaction), then)
+
+    async def _finish(self, done: Callable[[], Awaitable[R | None]],
+                      then: Callable[[R], T]) -> T | None:
+        row = await done()
+        if row is None:
+            return None
+        self.sealed = True
+        return then(row)
 
     async def run_sqlite(self, work: Callable[[SqliteHop], R | None],
                          then: Callable[[R], T]) -> T | None:
@@ -159,6 +154,43 @@ class LoneUnit:
             return None
         self.sealed = True
         return then(done)
+
+
+async def on_driver(engine: AsyncEngine, work: Work[R], transaction: bool) -> R | None:
+    """`work(driver)` on an asyncpg connection of `engine`'s pool, alone: its own
+    implicit transaction (`transaction` False: `work` sends ONE statement, or one
+    pipeline of executions ending in one Sync) or BEGIN … COMMIT around it.  A
+    connection found dead before anything was sent is replaced once; after a
+    failure the connection is invalidated and the error leaves (see the module
+    docstring)."""
+    for attempt in (1, 2):
+        fairy = await engine.raw_connection()
+        driver: Any = fairy.driver_connection
+        replace = driver is None or driver.is_closed()
+        if not replace and transaction:
+            try:
+                await driver.execute("BEGIN")
+            except LOST:
+                replace = True
+            except BaseException:
+                fairy.invalidate()
+                raise
+        if replace:
+            fairy.invalidate()
+            if attempt == 2:
+                raise asyncpg.InterfaceError("the pooled connection was closed")
+            LoneUnit.retried += 1
+            continue
+        try:
+            done = await work(driver)
+            if transaction:
+                await driver.execute("COMMIT")
+        except BaseException:
+            fairy.invalidate()  # in a state nobody knows; closed without a round trip
+            raise
+        await _give_back(fairy)
+        return done
+    raise AssertionError("unreachable")
 
 
 class SqliteHop:

@@ -11,6 +11,9 @@ list: none); each call serves the requests the previous one took.  Each caller
 awaits its own request until it is served: when the run took the next ones or
 ended — its echo committed, or handled on its own after a failure (the `run`
 decides how; it must not raise).
+
+The same shape serves PostgreSQL's lone job changes (app.fleet.change_groups): one
+group per product and statement, whose run commits what it took in one batch.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ Take = Callable[[], list[R]]
 class GroupCommit(Generic[R]):
     """Requests of type R served in runs of `run(take)`; see the module docstring."""
 
-    def __init__(self, run: Callable[[Take[R]], Awaitable[None]]) -> None:
+    def __init__(self, run: Callable[[Take[R]], Awaitable[None]], *,
+                 name: str = "echo-group-commit") -> None:
         self._run = run
+        self._name = name
         self._pending: list[tuple[R, asyncio.Future[None]]] = []
         self._taken: list[asyncio.Future[None]] = []
         self._took = False
@@ -45,13 +50,18 @@ class GroupCommit(Generic[R]):
         self._pending.append((request, future))
         if self._runner is None:
             self._took = False
-            self._runner = asyncio.create_task(self._drain(), name="echo-group-commit")
+            self._runner = asyncio.create_task(self._drain(), name=self._name)
         await future
 
     @property
     def pending(self) -> int:
         """Requests waiting for a run to take them."""
         return len(self._pending)
+
+    @property
+    def busy(self) -> bool:
+        """A run has started and not ended."""
+        return self._runner is not None
 
     async def idle(self) -> None:
         """Wait until no run is left (a shutdown)."""

@@ -34,6 +34,7 @@ from app.events.outbox import (
     pg_append_event_ctes,
     remember_event,
 )
+from app.fleet.change_groups import pg_change_grouped
 from app.fleet.models import Job, JobStage
 from app.fleet.statements import (
     COLUMNS,
@@ -77,13 +78,25 @@ def pg_changed(session: AsyncSession, row: Sequence[Any], created_at: datetime) 
 
 
 async def pg_change(
-    session: AsyncSession, statement: PgStatement, params: dict[str, Any]
+    session: AsyncSession, statement: PgStatement, params: dict[str, Any], *,
+    grouped: PgStatement | None = None,
 ) -> Job | None:
     """PostgreSQL: run a change-with-event statement; remember its event.  Alone
-    (its own implicit transaction) when the unit of work is this one call."""
+    (its own implicit transaction) when the unit of work is this one call — and
+    then, given `grouped` (the statement's batch variant, `params` naming the
+    product and the job), committed with the product's concurrent changes of this
+    process when one is in flight (`app.fleet.change_groups`)."""
     created_at = utcnow()
-    return await _pg_first(session, statement, {**params, "event_created_at": created_at},
-                           lambda row: pg_changed(session, row, created_at))
+    args = {**params, "event_created_at": created_at}
+
+    def then(row: Sequence[Any]) -> Job:
+        return pg_changed(session, row, created_at)
+
+    lone = lone_unit(session)
+    if grouped is not None and lone is not None:
+        return await lone.run_queued(
+            lambda: pg_change_grouped(lone.engine, statement, grouped, args), then)
+    return await _pg_first(session, statement, args, then)
 
 
 async def pg_job_change(

@@ -21,6 +21,10 @@ thread):
 | transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 1 | 3 |
 | heartbeat | 1 | 3 | 1 | 3 |
 
+A transition or a release alone that finds another change of its product (and
+statement) in flight in this process queues behind it, and the changes queued
+meanwhile commit together, in one round trip (`app.fleet.change_groups`).
+
 "One call alone" is a unit of work opened with `one_call=True` (`app.lone`: the
 lease holder's mutations): there the statements run on the driver, a single
 PostgreSQL statement is its own implicit transaction, and on SQLite BEGIN
@@ -125,25 +129,31 @@ def _held_where(sources: Sequence[JobStage], now: str) -> str:
 
 def _pg_fenced_change(
     set_sql: str, sources: Sequence[JobStage], types: Mapping[str, TypeEngine[Any]]
-) -> PgStatement:
+) -> tuple[PgStatement, PgStatement]:
     """PostgreSQL: lock the job, apply `set_sql` if the lease is held, append the
     event and NOTIFY — one statement.  `locked` takes the row lock first (waiting for
     a concurrent writer, as `SELECT … FOR UPDATE` does) and gives the stage the job
-    had, the event's `from`."""
-    change = (
-        f"UPDATE jobs SET {set_sql.format(now='clock.now')} FROM locked, clock"
-        f" WHERE jobs.id = locked.id AND {_held_where(sources, 'clock.now')}"
-        f" RETURNING {returning('jobs.')}, locked.stage AS source_stage"
-    )
-    return PgStatement(
-        "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now), "
-        "locked AS (SELECT id, stage FROM jobs"
-        " WHERE product_id = :product_id AND id = :job_id FOR UPDATE), "
-        + pg_with_event(change),
-        *EVENT_RESULT,
-        binds=(*(bindparam(name, type_=type_) for name, type_ in types.items()),
-               EVENT_CREATED_AT),
-    )
+    had, the event's `from`.  With it, its variant for a batch
+    (app.fleet.change_groups), which skips a job another transaction holds locked
+    instead of waiting for it."""
+
+    def statement(lock: str) -> PgStatement:
+        change = (
+            f"UPDATE jobs SET {set_sql.format(now='clock.now')} FROM locked, clock"
+            f" WHERE jobs.id = locked.id AND {_held_where(sources, 'clock.now')}"
+            f" RETURNING {returning('jobs.')}, locked.stage AS source_stage"
+        )
+        return PgStatement(
+            "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now), "
+            "locked AS (SELECT id, stage FROM jobs"
+            f" WHERE product_id = :product_id AND id = :job_id {lock}), "
+            + pg_with_event(change),
+            *EVENT_RESULT,
+            binds=(*(bindparam(name, type_=type_) for name, type_ in types.items()),
+                   EVENT_CREATED_AT),
+        )
+
+    return statement("FOR UPDATE"), statement("FOR UPDATE SKIP LOCKED")
 
 
 def _sqlite_fenced_change(
@@ -197,7 +207,8 @@ async def transition(
         "budget_tolerance": BUDGET_TOLERANCE_USD, "budget_reason": BUDGET_EXCEEDED_REASON,
     }
     if is_postgres(session):
-        return await pg_change(session, _PG_TRANSITIONS[to], params)
+        alone, grouped = _PG_TRANSITIONS[to]
+        return await pg_change(session, alone, params, grouped=grouped)
     return await sqlite_change(session, _SQLITE_TRANSITIONS[to], params)
 
 
@@ -208,7 +219,7 @@ _RELEASE_SET = """stage = 'QUEUED',
         lease_fence = jobs.lease_fence + 1, lease_worker_id = NULL,
         lease_expires_at = NULL, not_before = NULL, failure_reason = :reason,
         updated_at = {now}"""
-_PG_RELEASE = _pg_fenced_change(_RELEASE_SET, ACTIVE, {"reason": String()})
+_PG_RELEASE, _PG_RELEASE_GROUPED = _pg_fenced_change(_RELEASE_SET, ACTIVE, {"reason": String()})
 _SQLITE_RELEASE = _sqlite_fenced_change(_RELEASE_SET, ACTIVE, {"reason": String()})
 
 
@@ -220,7 +231,7 @@ async def release(
     One event.  None when the lease is not held by `fence` (see `transition`)."""
     params = {"product_id": product_id, "job_id": job_id, "fence": fence, "reason": reason}
     if is_postgres(session):
-        return await pg_change(session, _PG_RELEASE, params)
+        return await pg_change(session, _PG_RELEASE, params, grouped=_PG_RELEASE_GROUPED)
     return await sqlite_change(session, _SQLITE_RELEASE, params)
 
 

@@ -170,20 +170,26 @@ class PgStatement:
         `events` is the SQLAlchemy connection (or, with no connection, the engine)
         whose cursor listeners are told."""
         sql, binds, results = self._compiled(dialect)
-        args = [params.get(name) if process is None else process(params.get(name))
-                for name, process in binds]
-        dispatch = events.dispatch if events is not None else None
-        conn = events if isinstance(events, Connection) else None
-        if dispatch is not None and dispatch.before_cursor_execute:
-            dispatch.before_cursor_execute(conn, None, sql, args, None, False)
+        args = _bound(binds, params)
+        tell = _Tell(events, sql, args, many=False)
         records = await driver.fetch(sql, *args)
-        if dispatch is not None and dispatch.after_cursor_execute:
-            dispatch.after_cursor_execute(conn, None, sql, args, None, False)
-        return [
-            tuple(value if process is None else process(value)
-                  for value, process in zip(record, results, strict=False))
-            for record in records
-        ]
+        tell.after()
+        return [_typed(record, results) for record in records]
+
+    async def fetch_many(
+        self, driver: Any, dialect: Dialect, params: Sequence[Mapping[str, Any]],
+        events: Connection | Engine | None = None,
+    ) -> list[tuple[Any, ...]]:
+        """Run once for each of `params`, in ONE round trip (asyncpg's `fetchmany`:
+        a Bind and an Execute each, then one Sync — outside BEGIN … COMMIT, one
+        implicit transaction, all of it committed or none); the rows of all the
+        runs, in order.  The listeners are told once, as an `executemany`."""
+        sql, binds, results = self._compiled(dialect)
+        args = [_bound(binds, one) for one in params]
+        tell = _Tell(events, sql, args, many=True)
+        records = await driver.fetchmany(sql, args)
+        tell.after()
+        return [_typed(record, results) for record in records]
 
     async def rows(
         self, session: AsyncSession, params: Mapping[str, Any]
@@ -204,6 +210,34 @@ class PgStatement:
     ) -> Sequence[Any] | None:
         rows = await self.rows(session, params)
         return rows[0] if rows else None
+
+
+def _bound(binds: Sequence[tuple[str, _Processor]], params: Mapping[str, Any]) -> list[Any]:
+    return [params.get(name) if process is None else process(params.get(name))
+            for name, process in binds]
+
+
+def _typed(record: Sequence[Any], results: Sequence[_Processor]) -> tuple[Any, ...]:
+    return tuple(value if process is None else process(value)
+                 for value, process in zip(record, results, strict=False))
+
+
+class _Tell:
+    """The cursor listeners of `events` told of a driver statement: before at once,
+    `after()` once it ran."""
+
+    def __init__(self, events: Connection | Engine | None, sql: str, args: Any, *,
+                 many: bool) -> None:
+        self.dispatch = events.dispatch if events is not None else None
+        self.conn = events if isinstance(events, Connection) else None
+        self.sql, self.args, self.many = sql, args, many
+        if self.dispatch is not None and self.dispatch.before_cursor_execute:
+            self.dispatch.before_cursor_execute(self.conn, None, sql, args, None, many)
+
+    def after(self) -> None:
+        if self.dispatch is not None and self.dispatch.after_cursor_execute:
+            self.dispatch.after_cursor_execute(self.conn, None, self.sql, self.args, None,
+                                               self.many)
 
 
 # -- SQLite ---------------------------------------------------------------------

@@ -30,6 +30,7 @@ from app.errors import ConflictError, NotFoundError
 from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
 from app.events.service import JOB_STAGE_EVENTS, filter_for
+from app.fleet.change_groups import STATS
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
 from app.fleet.service import JobSpec, MetricsDelta
@@ -295,15 +296,19 @@ async def test_a_job_the_session_already_holds_is_updated_in_place(runtime: Runt
 
 
 @pytest.mark.parametrize("store", ["postgres"])
-@pytest.mark.parametrize("one_call", [False, True], ids=["session", "one-call"])
+@pytest.mark.parametrize("mode", ["session", "one-call", "batched"])
 async def test_event_sequence_is_gap_free_under_concurrent_claimers(
-    make_runtime: Any, make_token: Any, one_call: bool,
+    make_runtime: Any, make_token: Any, mode: str,
 ) -> None:
     """Claimers on two instances (two engines), each call a unit of work of its own —
-    through a session, or alone on the driver (`one_call`, app.lone: a transition is
-    its own implicit transaction).  The log stays gap-free and in commit order: every
+    through a session, or alone on the driver (`one-call`, app.lone: a transition is
+    its own implicit transaction; `batched`: each claimer claims several jobs, then
+    moves them all at once, so that the transitions commit in batches,
+    app.fleet.change_groups).  The log stays gap-free and in commit order: every
     snapshot a reader takes is a whole prefix 1..n (never n + 1 without n), and a live
     stream on the other instance receives every event once, in order (DESIGN §5)."""
+    one_call = mode != "session"
+    batches = STATS.batches
     await make_token(PRODUCT, Role.WORKER)
     instance_a = await make_runtime()
     instance_b = await make_runtime(hub_poll_seconds=60.0)  # only NOTIFY wakes it
@@ -339,17 +344,25 @@ async def test_event_sequence_is_gap_free_under_concurrent_claimers(
                     .order_by(Event.seq))).scalars()))
             await asyncio.sleep(0)
 
+    async def move(rt: Runtime, job: Job, stage: JobStage) -> None:
+        async with rt.services.db.unit_of_work(one_call=one_call) as session:
+            await rt.services.fleet.transition_job(
+                session, PRODUCT, job.id, job.lease_fence, stage)
+
     async def claimer(rt: Runtime, index: int) -> None:
         worker = WorkerProfile(f"w{index}")
         while True:
-            async with rt.services.db.unit_of_work(one_call=one_call) as session:
-                job = await rt.services.fleet.claim_next_job(session, PRODUCT, worker)
-            if job is None:
+            held: list[Job] = []
+            while len(held) < (3 if mode == "batched" else 1):
+                async with rt.services.db.unit_of_work(one_call=one_call) as session:
+                    job = await rt.services.fleet.claim_next_job(session, PRODUCT, worker)
+                if job is None:
+                    break
+                held.append(job)
+            if not held:
                 return
             for stage in (JobStage.BUILDING, JobStage.SHIPPED):
-                async with rt.services.db.unit_of_work(one_call=one_call) as session:
-                    await rt.services.fleet.transition_job(
-                        session, PRODUCT, job.id, job.lease_fence, stage)
+                await asyncio.gather(*(move(rt, job, stage) for job in held))
 
     reading = asyncio.create_task(reader())
     try:
@@ -380,3 +393,5 @@ async def test_event_sequence_is_gap_free_under_concurrent_claimers(
     assert len({len(seqs) for seqs in snapshots}) > 2  # the reader saw the log grow
     for seqs in snapshots:
         assert seqs == list(range(1, len(seqs) + 1)), seqs  # never n + 1 without n
+    if mode == "batched":
+        assert STATS.batches > batches  # some transitions did commit together

@@ -7,7 +7,8 @@ unit of work:
 * the same answers, refusals (NOT_FOUND / CONFLICT, same messages) and stored rows
   as a unit of work of several calls, on both stores;
 * cursors stay gap-free and in commit order (tests/service/test_cycle.py,
-  `test_event_sequence_is_gap_free_under_concurrent_claimers[one-call]`);
+  `test_event_sequence_is_gap_free_under_concurrent_claimers[one-call]`, and
+  `[batched]` for group commit, tests/service/test_change_groups.py);
 * once the call has changed something the session takes no further statement, and
   what it committed is still published;
 * a caller cancelled while its statement runs still gets its committed change

@@ -1,0 +1,189 @@
+"""Group commit of a product's job changes on PostgreSQL (issue 12).
+
+A change-with-event statement (`app.fleet.changes.pg_with_event`: a transition, a
+release) bumps its product's `last_event_seq`, and that row lock is held until the
+statement's transaction has committed and its WAL is flushed: one product's changes
+commit strictly one after the other, each paying a commit of its own.  Run alone
+(`app.lone`, a unit of work of one call), a change goes through the `GroupCommit`
+(app.bridge.group_commit) of its product and statement in this process:
+
+* nothing of that kind in flight: it runs at once, alone, exactly as without this
+  module (`statement.fetch`, its own implicit transaction, one round trip);
+* else it waits, and when the run in flight returns, every change that queued
+  meanwhile runs as ONE implicit transaction in ONE round trip: asyncpg's
+  `fetchmany` (`PgStatement.fetch_many`: a Bind and an Execute for each, one Sync
+  at the end).  No timer: a change never waits for company, only for the run ahead.
+
+The batch uses the statement's `grouped` variant, whose job lock is `FOR UPDATE SKIP
+LOCKED`: within the batch each execution holds the product row once the first has
+bumped it, and must then never wait for a job row someone else holds (that one may
+be waiting for the product row: a deadlock).  A member whose job was locked, or whose
+change was refused (the UPDATE matched nothing), returned no row: it runs again
+alone, with the plain statement, and gets that answer (None for a refusal, which the
+service then explains; the job for a change that had only met a lock).
+
+Results go back by job id (each row carries it); two changes of the same job never
+share a batch — the later one runs alone after it.
+
+Failures.  The batch is one implicit transaction, so an error the server reports
+(a constraint, a deadlock, a timeout; or one of the arguments refused before the
+Sync, which asyncpg rolls back) means nothing of it committed: each member then runs
+alone, so one bad change cannot fail the others.  A connection lost while the batch
+ran (`app.lone.LOST`) may have committed it — the Sync may have been processed even
+if its answer never came — so, as for one statement alone, nothing is run again:
+each member fails with that error (SERVICE_UNAVAILABLE).
+
+Sequences (DESIGN §5).  The executions of a batch run one after another in one
+transaction: the first bumps the product's sequence and keeps the row locked until
+the transaction ends, so the next ones take the next numbers, gap-free, with no other
+transaction's number in between; the batch commits all of them at once, so every
+snapshot shows none or all of them, after every number before them (the argument of
+`app.lone`, for a transaction of N events instead of one) — and their NOTIFYs are
+delivered at that commit, in order.  Across processes the product row serializes the
+batches as it serializes single statements.
+
+Cancellation: the caller awaits its change through `LoneUnit.run_queued`, in a task
+its cancellation cannot stop, and the run itself is the group's own task: a committed
+change is always handed back, and its event published.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.bridge.group_commit import GroupCommit, Take
+from app.fleet.statements import KEYS, PgStatement
+from app.lone import LOST, on_driver
+
+logger = logging.getLogger(__name__)
+_ID = KEYS.index("id")
+Row = Sequence[Any]
+
+
+@dataclass
+class _Change:
+    """One caller's change: `statement` with `args`, for job `job_id`."""
+
+    statement: PgStatement
+    grouped: PgStatement
+    args: dict[str, Any]
+    job_id: int
+    row: Row | None = None
+    error: BaseException | None = None
+    ran: bool = field(default=False)
+
+
+@dataclass
+class Stats:
+    """Process-wide counters (tests, diagnostics)."""
+
+    batches: int = 0  # fetch_many round trips that committed
+    batched: int = 0  # changes those carried
+    failed: int = 0  # batches that raised and were run again alone
+    again: int = 0  # members that returned no row and ran again alone
+
+
+STATS = Stats()
+_GROUPS: dict[tuple[AsyncEngine, str, PgStatement], GroupCommit[_Change]] = {}
+
+
+async def pg_change_grouped(
+    engine: AsyncEngine, statement: PgStatement, grouped: PgStatement,
+    args: dict[str, Any],
+) -> Row | None:
+    """The row of change `statement` (None when it matched nothing), committed alone
+    or in a batch with its product's concurrent changes (see the module docstring).
+    `args` holds `product_id` and `job_id`.  Store errors leave as the driver's."""
+    key = (engine, args["product_id"], statement)
+    group = _GROUPS.get(key)
+    if group is None:
+        group = _GROUPS[key] = GroupCommit(
+            lambda take: _run(engine, take), name="pg-change-group")
+    change = _Change(statement, grouped, args, args["job_id"])
+    try:
+        await group.submit(change)
+    finally:
+        if not group.busy and _GROUPS.get(key) is group:
+            del _GROUPS[key]
+    if change.error is not None:
+        raise change.error
+    if not change.ran:
+        raise asyncpg.InterfaceError("the change's run ended before it ran")
+    return change.row
+
+
+async def _run(engine: AsyncEngine, take: Take[_Change]) -> None:
+    """A run of the group: the changes pending now, alone or as one batch; a second
+    change of a job already in the batch runs alone after it."""
+    changes = take()
+    batch: list[_Change] = []
+    later: list[_Change] = []
+    jobs: set[int] = set()
+    for change in changes:
+        (later if change.job_id in jobs else batch).append(change)
+        jobs.add(change.job_id)
+    if len(batch) == 1:
+        await _alone(engine, batch[0])
+    else:
+        await _together(engine, batch)
+    for change in later:
+        await _alone(engine, change)
+
+
+async def _alone(engine: AsyncEngine, change: _Change) -> None:
+    dialect = engine.dialect
+
+    async def work(driver: Any) -> Row | None:
+        rows = await change.statement.fetch(driver, dialect, change.args, engine.sync_engine)
+        return rows[0] if rows else None
+
+    try:
+        change.row = await on_driver(engine, work, transaction=False)
+    except Exception as exc:
+        change.error = exc
+    change.ran = True
+
+
+async def _together(engine: AsyncEngine, batch: list[_Change]) -> None:
+    dialect = engine.dialect
+    grouped = batch[0].grouped
+
+    async def work(driver: Any) -> list[tuple[Any, ...]]:
+        return await grouped.fetch_many(driver, dialect, [change.args for change in batch],
+                                        engine.sync_engine)
+
+    try:
+        rows = await on_driver(engine, work, transaction=False)
+    except LOST as exc:  # may have committed: nothing runs again
+        for change in batch:
+            change.error, change.ran = exc, True
+        return
+    except Exception:  # reported by the server: nothing committed
+        logger.debug("a batch of %d changes failed; each runs alone", len(batch),
+                     exc_info=True)
+        STATS.failed += 1
+        for change in batch:
+            await _alone(engine, change)
+        return
+    STATS.batches += 1
+    STATS.batched += len(batch)
+    by_job = {row[_ID]: row for row in rows or ()}
+    for change in batch:
+        row = by_job.get(change.job_id)
+        if row is None:  # refused, or its job was locked: alone, as ever
+            STATS.again += 1
+            await _alone(engine, change)
+        else:
+            change.row, change.ran = row, True
+
+
+def queued(product_id: str) -> int:
+    """Changes of `product_id` waiting in this process for the run in flight
+    (tests, diagnostics)."""
+    return sum(group.pending for key, group in _GROUPS.items() if key[1] == product_id)

@@ -1,0 +1,247 @@
+"""Group commit of a product's changes on PostgreSQL (app.fleet.change_groups).
+
+Every test forces the interleaving it needs: another transaction holds the product
+row, so the first transition (alone) waits for it on the server while the next ones
+queue behind it in this process (`queued`); letting the row go then commits the
+first alone and the queued ones as one batch.  Nothing is mocked: the faults are a
+statement the server refuses (a bigint overflow) and a backend terminated while the
+batch waits.
+
+* the queued changes commit in one batch (`STATS`), each caller gets its own job,
+  the sequence stays gap-free and every event is published once, in order;
+* a refused member gets the same CONFLICT as alone and changes nothing, the others
+  commit; a batch the server fails runs each member alone, so only the bad one fails;
+* two changes of one job never share a batch;
+* a caller cancelled while queued still gets its committed change published;
+* a connection lost mid-batch is SERVICE_UNAVAILABLE for each member, run again for
+  none (the batch may have committed).
+
+The commit order under concurrent claimers on two instances, batches included, is
+tests/service/test_cycle.py `test_event_sequence_is_gap_free_under_concurrent_claimers`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import select, text, update
+
+from app.auth.models import Product, Role
+from app.errors import ConflictError, StoreUnavailableError
+from app.fleet import change_groups
+from app.fleet.change_groups import STATS, queued
+from app.fleet.models import Job, JobStage
+from app.fleet.service import MetricsDelta
+from app.main import Runtime
+from tests.service.test_cycle import columns, last_seq, load, stored_events
+from tests.service.test_lone import claim, one_call, publishing, submit
+
+PRODUCT = "acme"
+DEADLINE = 20.0
+pytestmark = pytest.mark.parametrize("store", ["postgres"])
+
+
+@pytest.fixture
+async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
+    await make_token(PRODUCT, Role.WORKER)
+    result: Runtime = await make_runtime()
+    return result
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool]) -> None:
+    """Poll `condition` (the server's lock waits, this process's queue) until it holds."""
+    async with asyncio.timeout(DEADLINE):
+        while True:
+            holds = condition()
+            if holds if isinstance(holds, bool) else await holds:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def lock_waiters(rt: Runtime) -> list[int]:
+    """The backends of the lean path's statements waiting for a lock."""
+    async with rt.services.db.read() as session:
+        return list((await session.execute(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND wait_event_type = 'Lock' AND query LIKE 'WITH clock%'"))).scalars())
+
+
+@asynccontextmanager
+async def product_held(rt: Runtime) -> AsyncIterator[Any]:
+    """Another transaction holds the product row (whose sequence every event bumps)."""
+    async with rt.services.db.read() as blocker:
+        await blocker.execute(
+            select(Product.id).where(Product.id == PRODUCT).with_for_update())
+        yield blocker
+
+
+async def claimed(rt: Runtime, count: int) -> list[Job]:
+    for n in range(count):
+        await submit(rt, title=f"job {n}")
+    return [await claim(rt) for _ in range(count)]
+
+
+def move(rt: Runtime, job: Job, to: JobStage = JobStage.BUILDING, *, fence: int | None = None,
+         **kw: Any) -> asyncio.Task[Any]:
+    return asyncio.create_task(one_call(
+        rt, "transition_job", job.id, job.lease_fence if fence is None else fence, to, **kw))
+
+
+async def first_then_queued(rt: Runtime, first: asyncio.Task[Any],
+                            make_rest: Callable[[], list[asyncio.Task[Any]]]
+                            ) -> list[asyncio.Task[Any]]:
+    """`first` waits on the server for the (held) product row; then the tasks of
+    `make_rest` queue behind it in this process."""
+    await until(lambda: _waiting(rt))
+    rest = make_rest()
+    await until(lambda: queued(PRODUCT) == len(rest))
+    return rest
+
+
+async def _waiting(rt: Runtime) -> bool:
+    return bool(await lock_waiters(rt))
+
+
+async def test_queued_transitions_commit_as_one_batch(runtime: Runtime) -> None:
+    jobs = await claimed(runtime, 6)
+    published = publishing(runtime)
+    before = (STATS.batches, STATS.batched)
+    seq = await last_seq(runtime)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [move(runtime, j) for j in jobs[1:]])
+        await blocker.rollback()
+    moved = await asyncio.gather(first, *rest)
+    assert (STATS.batches, STATS.batched) == (before[0] + 1, before[1] + 5)
+    assert [job.id for job in moved] == [job.id for job in jobs]  # each caller its own
+    for job in moved:
+        assert job.stage == JobStage.BUILDING
+        assert columns(job) == columns(await load(runtime, job.id))
+    stored = await stored_events(runtime)
+    assert [e.seq for e in stored] == list(range(1, seq + 7))
+    assert stored[-6].entity_id == jobs[0].id  # the first, alone, first
+    assert sorted(e.entity_id for e in stored[-5:]) == sorted(j.id for j in jobs[1:])
+    assert sorted(published, key=lambda e: e.seq) == stored[-6:]
+
+
+async def test_a_refused_member_is_refused_as_alone_and_the_others_commit(
+    runtime: Runtime,
+) -> None:
+    jobs = await claimed(runtime, 4)
+    untouched = columns(await load(runtime, jobs[2].id))
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2], fence=jobs[2].lease_fence - 1),
+            move(runtime, jobs[3])])
+        await blocker.rollback()
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert isinstance(outcomes[2], ConflictError)
+    assert "stale fence" in str(outcomes[2])
+    assert [o.stage for i, o in enumerate(outcomes) if i != 2] == [JobStage.BUILDING] * 3
+    assert columns(await load(runtime, jobs[2].id)) == untouched
+    stored = await stored_events(runtime)
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+    assert jobs[2].id not in [e.entity_id for e in stored[-3:]]
+
+
+async def test_a_batch_the_server_fails_runs_each_member_alone(runtime: Runtime) -> None:
+    jobs = await claimed(runtime, 4)
+    async with runtime.services.db.unit_of_work() as session:
+        await session.execute(update(Job).where(Job.id == jobs[2].id).values(tokens_in=1))
+    overflow = MetricsDelta(tokens_in=2**63 - 1)  # 1 + that: bigint out of range
+    with pytest.raises(asyncpg.NumericValueOutOfRangeError) as alone:
+        await one_call(runtime, "transition_job", jobs[2].id, jobs[2].lease_fence,
+                       JobStage.BUILDING, metrics=overflow)
+    failed = STATS.failed
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2], metrics=overflow),
+            move(runtime, jobs[3])])
+        await blocker.rollback()
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert STATS.failed == failed + 1
+    assert type(outcomes[2]) is alone.type
+    assert str(outcomes[2]) == str(alone.value)
+    assert [o.stage for i, o in enumerate(outcomes) if i != 2] == [JobStage.BUILDING] * 3
+    assert (await load(runtime, jobs[2].id)).stage == JobStage.ASSIGNED
+    stored = await stored_events(runtime)
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+
+
+async def test_two_changes_of_one_job_never_share_a_batch(runtime: Runtime) -> None:
+    jobs = await claimed(runtime, 3)
+    before = (STATS.batches, STATS.batched)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[1]), move(runtime, jobs[2])])
+        await blocker.rollback()
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert (STATS.batches, STATS.batched) == (before[0] + 1, before[1] + 2)
+    # jobs[1]'s first change commits in the batch; its second, alone, is refused
+    assert outcomes[1].stage == JobStage.BUILDING
+    assert isinstance(outcomes[2], ConflictError)
+    assert "from BUILDING to BUILDING" in str(outcomes[2])
+    assert outcomes[3].stage == JobStage.BUILDING
+    assert [e.entity_id for e in await stored_events(runtime)].count(jobs[1].id) == 3
+
+
+async def test_a_caller_cancelled_while_queued_still_publishes_what_committed(
+    runtime: Runtime,
+) -> None:
+    jobs = await claimed(runtime, 3)
+    published = publishing(runtime)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2])])
+        rest[0].cancel()
+        await asyncio.sleep(0)
+        assert not rest[0].done()  # it waits for its change to run
+        await blocker.rollback()
+    with pytest.raises(asyncio.CancelledError):
+        await rest[0]
+    await asyncio.gather(first, rest[1])
+    assert (await load(runtime, jobs[1].id)).stage == JobStage.BUILDING
+    assert sorted(e.entity_id for e in published) == sorted(j.id for j in jobs)
+
+
+async def test_a_connection_lost_mid_batch_is_unavailable_and_runs_nothing_again(
+    runtime: Runtime,
+) -> None:
+    jobs = await claimed(runtime, 3)
+    seq, failed = await last_seq(runtime), STATS.failed
+    async with product_held(runtime), runtime.services.db.read() as admin:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2])])
+        killed: list[int] = []
+        pids: list[int] = []
+
+        async def another() -> bool:
+            pids[:] = [p for p in await lock_waiters(runtime) if p not in killed]
+            return bool(pids)
+
+        for task in (first, rest[0]):  # the first alone, then the batch, cut off
+
+            await until(another)
+            killed.extend(pids)
+            await admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pids[0]})
+            await until(task.done)
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert all(isinstance(o, StoreUnavailableError) for o in outcomes), outcomes
+    assert STATS.failed == failed  # not run again
+    assert await last_seq(runtime) == seq
+    for job in jobs:
+        assert (await load(runtime, job.id)).stage == JobStage.ASSIGNED
+    # and the product's changes go on as usual
+    assert (await one_call(runtime, "transition_job", jobs[0].id, jobs[0].lease_fence,
+                           JobStage.BUILDING)).stage == JobStage.BUILDING
+    assert not change_groups._GROUPS
