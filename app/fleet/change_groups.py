@@ -49,6 +49,7 @@ change is always handed back, and its event published.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -168,19 +169,27 @@ async def _together(engine: AsyncEngine, batch: list[_Change]) -> None:
         logger.debug("a batch of %d changes failed; each runs alone", len(batch),
                      exc_info=True)
         STATS.failed += 1
-        for change in batch:
-            await _alone(engine, change)
+        await _each_alone(engine, batch)
         return
     STATS.batches += 1
     STATS.batched += len(batch)
     by_job = {row[_ID]: row for row in rows or ()}
+    again: list[_Change] = []
     for change in batch:
         row = by_job.get(change.job_id)
         if row is None:  # refused, or its job was locked: alone, as ever
-            STATS.again += 1
-            await _alone(engine, change)
+            again.append(change)
         else:
             change.row, change.ran = row, True
+    STATS.again += len(again)
+    await _each_alone(engine, again)
+
+
+async def _each_alone(engine: AsyncEngine, changes: list[_Change]) -> None:
+    """Each of `changes` alone, side by side on connections of their own, as they would
+    have run without the group (a batch that timed out costs its members one more
+    timeout at most, not one each)."""
+    await asyncio.gather(*(_alone(engine, change) for change in changes))
 
 
 def queued(product_id: str) -> int:
