@@ -8,8 +8,10 @@ commit strictly one after the other, each paying a commit of its own.  Run alone
 (app.bridge.group_commit) of its product and statement in this process:
 
 * nothing of that kind in flight: it runs at once, alone, exactly as without this
-  module (`statement.fetch`, its own implicit transaction, one round trip);
-* else it waits, and when the run in flight returns, every change that queued
+  module (`LoneUnit.run` of `statement.fetch`, its own implicit transaction, one
+  round trip, in the caller's call);
+* else it queues in the group, whose run waits until the change in flight is done
+  (the one alone, or the group's previous run); then every change that queued
   meanwhile runs as ONE implicit transaction in ONE round trip: asyncpg's
   `fetchmany` (`PgStatement.fetch_many`: a Bind and an Execute for each, one Sync
   at the end).  No timer: a change never waits for company, only for the run ahead.
@@ -42,8 +44,9 @@ snapshot shows none or all of them, after every number before them (the argument
 delivered at that commit, in order.  Across processes the product row serializes the
 batches as it serializes single statements.
 
-Cancellation: the caller awaits its change through `LoneUnit.run_queued`, in a task
-its cancellation cannot stop, and the run itself is the group's own task: a committed
+Cancellation: the caller awaits its change through `LoneUnit.run` or
+`LoneUnit.run_queued`, in a task its cancellation cannot stop, and a group's run is a
+task of its own: a committed
 change is always handed back, and its event published.
 """
 
@@ -51,20 +54,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.bridge.group_commit import GroupCommit, Take
 from app.fleet.statements import KEYS, PgStatement
-from app.lone import LOST, on_driver
+from app.lone import LOST, LoneUnit, on_driver
 
 logger = logging.getLogger(__name__)
 _ID = KEYS.index("id")
 Row = Sequence[Any]
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,27 +95,56 @@ class Stats:
 
 
 STATS = Stats()
-_GROUPS: dict[tuple[AsyncEngine, str, PgStatement], GroupCommit[_Change]] = {}
+
+
+class _Flight:
+    """One product's changes by one statement in this process: the one running alone
+    (`alone`, set once it is done), and the group the others queue in."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.alone: asyncio.Event | None = None
+        self.group: GroupCommit[_Change] = GroupCommit(
+            lambda take: _run(self, engine, take), name="pg-change-group")
+
+    def idle(self) -> bool:
+        return self.alone is None and not self.group.busy
+
+
+_FLIGHTS: dict[tuple[AsyncEngine, str, PgStatement], _Flight] = {}
 
 
 async def pg_change_grouped(
-    engine: AsyncEngine, statement: PgStatement, grouped: PgStatement,
-    args: dict[str, Any],
-) -> Row | None:
-    """The row of change `statement` (None when it matched nothing), committed alone
-    or in a batch with its product's concurrent changes (see the module docstring).
-    `args` holds `product_id` and `job_id`.  Store errors leave as the driver's."""
+    lone: LoneUnit, statement: PgStatement, grouped: PgStatement, args: dict[str, Any],
+    then: Callable[[Row], T],
+) -> T | None:
+    """`then` of the row of change `statement` (None when it matched nothing),
+    committed alone or in a batch with its product's concurrent changes (see the
+    module docstring), in unit of work `lone`.  With nothing in flight it runs at once
+    in `lone.run`, as it would without the group.  `args` holds `product_id` and
+    `job_id`.  Store errors leave as the driver's."""
+    engine = lone.engine
     key = (engine, args["product_id"], statement)
-    group = _GROUPS.get(key)
-    if group is None:
-        group = _GROUPS[key] = GroupCommit(
-            lambda take: _run(engine, take), name="pg-change-group")
+    flight = _FLIGHTS.get(key)
+    if flight is None:
+        flight = _FLIGHTS[key] = _Flight(engine)
     change = _Change(statement, grouped, args, args["job_id"])
     try:
-        await group.submit(change)
+        if flight.idle():
+            flight.alone = done = asyncio.Event()
+            try:
+                return await lone.run(lambda driver: _first(driver, engine, change), then,
+                                      transaction=False)
+            finally:
+                flight.alone = None
+                done.set()
+        return await lone.run_queued(lambda: _queued(flight, change), then)
     finally:
-        if not group.busy and _GROUPS.get(key) is group:
-            del _GROUPS[key]
+        if flight.idle() and _FLIGHTS.get(key) is flight:
+            del _FLIGHTS[key]
+
+
+async def _queued(flight: _Flight, change: _Change) -> Row | None:
+    await flight.group.submit(change)
     if change.error is not None:
         raise change.error
     if not change.ran:
@@ -119,9 +152,17 @@ async def pg_change_grouped(
     return change.row
 
 
-async def _run(engine: AsyncEngine, take: Take[_Change]) -> None:
-    """A run of the group: the changes pending now, alone or as one batch; a second
-    change of a job already in the batch runs alone after it."""
+async def _first(driver: Any, engine: AsyncEngine, change: _Change) -> Row | None:
+    rows = await change.statement.fetch(driver, engine.dialect, change.args, engine.sync_engine)
+    return rows[0] if rows else None
+
+
+async def _run(flight: _Flight, engine: AsyncEngine, take: Take[_Change]) -> None:
+    """A run of the group, once the change running alone is done: the changes pending
+    then, alone or as one batch; a second change of a job already in the batch runs
+    alone after it."""
+    if flight.alone is not None:
+        await flight.alone.wait()
     changes = take()
     batch: list[_Change] = []
     later: list[_Change] = []
@@ -138,14 +179,9 @@ async def _run(engine: AsyncEngine, take: Take[_Change]) -> None:
 
 
 async def _alone(engine: AsyncEngine, change: _Change) -> None:
-    dialect = engine.dialect
-
-    async def work(driver: Any) -> Row | None:
-        rows = await change.statement.fetch(driver, dialect, change.args, engine.sync_engine)
-        return rows[0] if rows else None
-
     try:
-        change.row = await on_driver(engine, work, transaction=False)
+        change.row = await on_driver(engine, lambda driver: _first(driver, engine, change),
+                                     transaction=False)
     except Exception as exc:
         change.error = exc
     change.ran = True
@@ -195,4 +231,5 @@ async def _each_alone(engine: AsyncEngine, changes: list[_Change]) -> None:
 def queued(product_id: str) -> int:
     """Changes of `product_id` waiting in this process for the run in flight
     (tests, diagnostics)."""
-    return sum(group.pending for key, group in _GROUPS.items() if key[1] == product_id)
+    return sum(flight.group.pending for key, flight in _FLIGHTS.items()
+               if key[1] == product_id)

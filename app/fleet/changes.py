@@ -94,8 +94,7 @@ async def pg_change(
 
     lone = lone_unit(session)
     if grouped is not None and lone is not None:
-        return await lone.run_queued(
-            lambda: pg_change_grouped(lone.engine, statement, grouped, args), then)
+        return await pg_change_grouped(lone, statement, grouped, args, then)
     return await _pg_first(session, statement, args, then)
 
 

@@ -244,4 +244,4 @@ async def test_a_connection_lost_mid_batch_is_unavailable_and_runs_nothing_again
     # and the product's changes go on as usual
     assert (await one_call(runtime, "transition_job", jobs[0].id, jobs[0].lease_fence,
                            JobStage.BUILDING)).stage == JobStage.BUILDING
-    assert not change_groups._GROUPS
+    assert not change_groups._FLIGHTS
