@@ -46,8 +46,7 @@ batches as it serializes single statements.
 
 Cancellation: the caller awaits its change through `LoneUnit.run` or
 `LoneUnit.run_queued`, in a task its cancellation cannot stop, and a group's run is a
-task of its own: a committed
-change is always handed back, and its event published.
+task of its own: a committed change is always handed back, and its event published.
 """
 
 from __future__ import annotations
