@@ -3,9 +3,14 @@
 and the worker's claimNextJob + transitionJob(BUILDING) + transitionJob(SHIPPED).
 
 The server's CPU per request is its process's user + system CPU time (/proc) over the
-stretch divided by the requests; the client runs `concurrency` requests at a time over
-keep-alive HTTP/1.1.  Returns a dict per request kind: requests/s, server CPU ms per
-request.
+stretches of that kind divided by its requests; the client runs `concurrency` requests
+at a time over keep-alive HTTP/1.1.  Returns a dict per request kind: requests/s,
+server CPU ms per request.
+
+The kinds take turns, ROUNDS rounds of a third of each kind's requests: the ratios
+compare kinds, and on a shared machine the load drifts over seconds, so one stretch
+per kind would compare kinds measured under different loads (the noise of the
+`viewer` ÷ anonymous ratio in bench/RESULTS.md, 2026-11-30 13:00).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import Any
 
 import httpx
 from bench_claim import PRODUCT, job_rows
-from harness import SERVED_ENV, Clock
+from harness import SERVED_ENV, Clock, Span
 from sqlalchemy import insert
 
 from app.auth.models import Role
@@ -93,10 +98,13 @@ def serving(url: str) -> Iterator[tuple[int, str]]:
             process.wait()
 
 
-async def _measure(pid: int, count: int, concurrency: int,
-                   one: Callable[[int], Awaitable[int]]) -> dict[str, float]:
+ROUNDS = 3
+
+
+async def _stretch(pid: int, count: int, concurrency: int,
+                   one: Callable[[int], Awaitable[int]]) -> tuple[int, Span]:
     """Run `one(n)` for n < count, `concurrency` at a time; `one` returns how many
-    requests it made."""
+    requests it made.  (requests made, the stretch's wall and server CPU seconds)."""
     made = 0
     queue = iter(range(count))
 
@@ -108,9 +116,37 @@ async def _measure(pid: int, count: int, concurrency: int,
 
     clock = Clock(cpu_of=pid).start()
     await asyncio.gather(*(lane() for _ in range(concurrency)))
-    span = clock.stop()
+    return made, clock.stop()
+
+
+async def _measure(pid: int, count: int, concurrency: int,
+                   one: Callable[[int], Awaitable[int]]) -> dict[str, float]:
+    """One stretch of `count` (see `_stretch`): requests, requests/s, server CPU ms."""
+    made, span = await _stretch(pid, count, concurrency, one)
     rate, cpu_ms = span.per(made)
     return {"requests": made, "per_s": rate, "server_cpu_ms": cpu_ms}
+
+
+async def _measure_in_turns(
+    pid: int, concurrency: int,
+    kinds: list[tuple[str, Callable[[int], Awaitable[int]], int]],
+) -> dict[str, dict[str, float]]:
+    """Each kind's `count` split over ROUNDS rounds, the kinds taking turns in each;
+    per kind the totals over its stretches, as `_measure` gives them."""
+    totals = {name: [0, 0.0, 0.0] for name, _, _ in kinds}
+    for round_ in range(ROUNDS):
+        for name, one, count in kinds:
+            share = count // ROUNDS + (1 if round_ < count % ROUNDS else 0)
+            made, span = await _stretch(pid, share, concurrency, one)
+            total = totals[name]
+            total[0] += made
+            total[1] += span.wall
+            total[2] += span.cpu
+    results = {}
+    for name, (made, wall, cpu) in totals.items():
+        rate, cpu_ms = Span(wall, cpu).per(int(made))
+        results[name] = {"requests": int(made), "per_s": rate, "server_cpu_ms": cpu_ms}
+    return results
 
 
 async def requests_bench(url: str, *, requests: int, concurrency: int) -> dict[str, Any]:
@@ -163,6 +199,5 @@ async def requests_bench(url: str, *, requests: int, concurrency: int) -> dict[s
                 ("viewer_role", viewer, requests),
                 ("claim_transition", cycle, cycles),
             ]
-            for name, one, count in kinds:
-                results[name] = await _measure(pid, count, concurrency, one)
+            results.update(await _measure_in_turns(pid, concurrency, kinds))
     return results
