@@ -239,6 +239,31 @@ def operation_cost(schema: GraphQLSchema, document: DocumentNode,
     return _Cost(schema, document, variables).of(operation.selection_set, root, None)
 
 
+def _page_sizes_from_variables(document: DocumentNode) -> bool:
+    """Whether any `first` argument in `document` takes a variable (then the cost
+    depends on each request's variables)."""
+    return any(name == "first" and isinstance(value, VariableNode)
+               for name, value in _argument_values(document))
+
+
+def request_cost(schema: GraphQLSchema, document: DocumentNode,
+                 operation: OperationDefinitionNode,
+                 variables: Mapping[str, Any] | None) -> int:
+    """`operation_cost`, kept with the document (app.graphql.documents) when no page
+    size comes from a variable: the same document always costs the same then, and
+    a client repeating it (`{ viewer { role } }`, the worker's mutations) is not
+    walked again on every request."""
+    if DOCUMENTS.fact(document, "cost uses variables", _page_sizes_from_variables):
+        return operation_cost(schema, document, operation, variables)
+    costs: dict[tuple[GraphQLSchema, int], int] = DOCUMENTS.fact(
+        document, "costs", lambda _: {})
+    key = (schema, id(operation))  # the operation is a node of this very document
+    cost = costs.get(key)
+    if cost is None:
+        cost = costs[key] = operation_cost(schema, document, operation, variables)
+    return cost
+
+
 # -- the extension -------------------------------------------------------------
 
 
@@ -269,8 +294,8 @@ class RequestGuards(SchemaExtension):
             check_storable_text(document, context.variables)
             settings = self._settings()
             if operation is not None and settings is not None:
-                cost = operation_cost(context.schema._schema, document, operation,
-                                      context.variables)
+                cost = request_cost(context.schema._schema, document, operation,
+                                    context.variables)
                 if cost > settings.max_query_cost:
                     raise QueryRefusedError(
                         f"the query may resolve up to {cost} fields, above the limit of "

@@ -4,6 +4,9 @@ request; a parse error goes through strawberry's own error handling, never the c
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from graphql import GraphQLError
 
 from app.graphql.documents import DOCUMENTS, DocumentCache
@@ -76,3 +79,36 @@ def test_the_cache_is_bounded() -> None:
     assert cache.parse("{ " + "b: __typename " * 10 + "}", {}) is None  # too long: not kept
     assert len(cache._entries) == 3
     assert cache.parse("{ a4: __typename }", {}) is documents[4]  # a hit: the same object
+
+
+def test_a_documents_cost_is_kept_unless_a_page_size_is_a_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cost guard walks a repeated document once; one whose page sizes come from
+    variables is costed for each request's variables."""
+    from graphql import OperationDefinitionNode
+
+    from app.graphql import guards
+
+    walks = []
+    real = guards.operation_cost
+
+    def counted(*args: Any) -> int:
+        walks.append(args[2])
+        return real(*args)
+
+    monkeypatch.setattr(guards, "operation_cost", counted)
+
+    def cost(query: str, **variables: Any) -> int:
+        document = DOCUMENTS.parse(query, {})
+        assert document is not None
+        operation = document.definitions[0]
+        assert isinstance(operation, OperationDefinitionNode)
+        return guards.request_cost(schema._schema, document, operation, variables)
+
+    fixed = "{ items(first: 10) { nodes { id title } } viewer { role } }"
+    assert [cost(fixed) for _ in range(3)] == [1 + 10 * 3 + 2] * 3
+    assert len(walks) == 1
+    paged = "query($n: Int) { items(first: $n) { nodes { id } } }"
+    assert [cost(paged, n=n) for n in (200, 5, 200)] == [1 + 200 * 2, 1 + 5 * 2, 1 + 200 * 2]
+    assert len(walks) == 4
