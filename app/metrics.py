@@ -21,6 +21,7 @@ import asyncio
 import logging
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
@@ -40,6 +41,29 @@ SCRAPE_TIMEOUT_SECONDS = 5.0
 MAX_OPERATION_LABELS = 200
 _OPERATION_NAME = re.compile(r"^[_A-Za-z][_0-9A-Za-z]{0,63}$")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Children:
+    """A labelled metric's children by label values, each looked up once.
+
+    `metric.labels(...)` takes a lock, checks the values and builds a key on every
+    call — about as much as the `inc()` or `observe()` that follows; the counters of
+    every request and event go through here instead.  prometheus-client hands out one
+    child per label values, so this holds the very children `labels` returns; the
+    series kept here are never removed (bounded label values: operation names are
+    capped by `operation_label`, the rest come from fixed sets)."""
+
+    __slots__ = ("children", "metric")
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = self.metric.labels(*values)
+        return child
 
 
 class ServiceMetrics:
@@ -115,29 +139,36 @@ class ServiceMetrics:
             "Live subscriptions on this instance's event hub", registry=registry,
         )
 
+        self._events = Children(self.events)
+        self._published = Children(self.events_published)
+        self._stage_changes = Children(self.job_stage_changes)
+        self._claims = Children(self.claims)
+        self._requests = Children(self.http_requests)
+        self._latency = Children(self.http_latency)
+
     # -- fed by the app ------------------------------------------------------------
 
     def observe(self, records: Sequence[EventRecord]) -> None:
         """Committed events (before they are published)."""
         for record in records:
-            self.events.labels(type=record.type.value).inc()
+            self._events(record.type.value).inc()
             if record.type == EventType.JOB_STAGE_CHANGED and record.to_state:
-                self.job_stage_changes.labels(to=record.to_state).inc()
+                self._stage_changes(record.to_state).inc()
 
     def published(self, records: Sequence[EventRecord]) -> None:
         for record in records:
-            self.events_published.labels(type=record.type.value).inc()
+            self._published(record.type.value).inc()
 
     def reaped(self, result: ReapResult) -> None:
         self.reaped_leases.labels(outcome="requeued").inc(len(result.requeued))
         self.reaped_leases.labels(outcome="failed").inc(len(result.failed))
 
     def claimed(self, seconds: float, *, found: bool) -> None:
-        self.claims.labels(outcome="claimed" if found else "empty").observe(seconds)
+        self._claims("claimed" if found else "empty").observe(seconds)
 
     def request(self, operation: str, outcome: str, seconds: float) -> None:
-        self.http_requests.labels(operation=operation, outcome=outcome).inc()
-        self.http_latency.labels(operation=operation).observe(seconds)
+        self._requests(operation, outcome).inc()
+        self._latency(operation).observe(seconds)
 
     def count_subscribers(self, count: Callable[[], float]) -> None:
         """Read the hub's live subscriber count at every scrape."""
