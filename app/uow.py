@@ -300,7 +300,7 @@ class Database:
                     await session.rollback()
                 raise
             finally:
-                await session.close()
+                await _close(session)
         except Exception as exc:
             if is_store_failure(exc):
                 raise store_unavailable(exc) from exc
@@ -310,6 +310,17 @@ class Database:
         if self._sqlite_writer is not None:
             await self._sqlite_writer.owner.dispose()
         await self.engine.dispose()
+
+
+async def _close(session: AsyncSession) -> None:
+    """Close `session`.  One that holds no transaction (a unit of work whose one
+    call ran alone, a read that read nothing) has no connection to give back and
+    nothing to tell the driver: closing it is bookkeeping, done here without
+    AsyncSession.close's greenlet hop."""
+    if session.in_transaction():
+        await session.close()
+    else:
+        session.sync_session.close()
 
 
 def _check_nothing_pending(session: AsyncSession) -> None:
