@@ -145,7 +145,10 @@ class RequestGuard:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await asyncio.wait_for(receive(), self.read_timeout)
+            # asyncio.timeout, not wait_for: the same TimeoutError without a task per
+            # message (issue 12 §3)
+            async with asyncio.timeout(self.read_timeout):
+                message = await receive()
             if message["type"] == "http.disconnect":
                 return None
             chunk = message.get("body", b"")

@@ -115,12 +115,14 @@ class TokenGuard:
 
     # -- authentication ----------------------------------------------------------
 
-    async def authenticate(self, secret: str | None) -> Principal | None:
+    async def authenticate(self, secret: str | None, *,
+                           key: str | None = None) -> Principal | None:
         """The caller's principal, or None for a missing, unknown, expired or revoked
-        token.  Raises StoreUnavailableError when the database cannot answer."""
+        token.  `key`: `hash_token(secret)` when the caller has it already.  Raises
+        StoreUnavailableError when the database cannot answer."""
         if not secret or len(secret) > 200:
             return None
-        key = hash_token(secret)
+        key = key or hash_token(secret)
         now = utcnow()
         caching = self._caching()
         if caching:

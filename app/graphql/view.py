@@ -245,7 +245,8 @@ class FleetGraphQL(GraphQL[Context, None]):
             secret = parse_bearer(request.headers.get("authorization"))
             context.token_key = hash_token(secret) if secret else None
             try:
-                context.principal = await self._authenticate(services, secret)
+                context.principal = await self._authenticate(services, secret,
+                                                              context.token_key)
             except StoreUnavailableError as exc:  # answered as an error, not a 500
                 context.auth_failure = exc
             if context.principal is not None:
@@ -282,10 +283,13 @@ class FleetGraphQL(GraphQL[Context, None]):
         return {"productId": principal.product_id, "role": principal.role.value}
 
     @staticmethod
-    async def _authenticate(services: Services, secret: str | None) -> Principal | None:
+    async def _authenticate(services: Services, secret: str | None,
+                            key: str | None = None) -> Principal | None:
         if secret is None:
             return None
-        return await services.tokens.authenticate(secret)
+        if key is None:
+            return await services.tokens.authenticate(secret)
+        return await services.tokens.authenticate(secret, key=key)  # hashed once a request
 
     def decode_json(self, data: str | bytes) -> object:
         """JSON of a request body or websocket message.  Bytes that are not UTF-8 and
