@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 
 from graphql import GraphQLError
 
@@ -46,9 +47,12 @@ def accept_qualities(accept: str | None) -> dict[str, float]:
     return qualities
 
 
+@lru_cache(maxsize=64)
 def prefers_graphql_response_json(accept: str | None) -> bool:
     """True when the client accepts `application/graphql-response+json` at least as
-    much as `application/json` (and at all)."""
+    much as `application/json` (and at all).  Asked twice per request, of the few
+    `Accept` headers clients send: kept per header (bounded; a client sending a new
+    one each time only evicts)."""
     qualities = accept_qualities(accept)
     wanted = qualities.get(GRAPHQL_RESPONSE_JSON, 0.0)
     return wanted > 0 and wanted >= qualities.get(APPLICATION_JSON, 0.0)
