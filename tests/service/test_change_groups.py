@@ -12,6 +12,10 @@ batch waits.
 * a refused member gets the same CONFLICT as alone and changes nothing, the others
   commit; a batch the server fails runs each member alone, so only the bad one fails;
 * two changes of one job never share a batch;
+* a batch skips a job another transaction holds (SKIP LOCKED) and runs it alone after
+  committing, instead of holding the product row while it waits (a deadlock);
+* a change made while a batch is in flight queues behind it; another product's change
+  never queues behind this one's;
 * a caller cancelled while queued still gets its committed change published;
 * a connection lost mid-batch is SERVICE_UNAVAILABLE for each member, run again for
   none (the batch may have committed).
@@ -39,9 +43,10 @@ from app.fleet.models import Job, JobStage
 from app.fleet.service import MetricsDelta
 from app.main import Runtime
 from tests.service.test_cycle import columns, last_seq, load, stored_events
-from tests.service.test_lone import claim, one_call, publishing, submit
+from tests.service.test_lone import WORKER, claim, one_call, publishing, submit
 
 PRODUCT = "acme"
+OTHER = "beta"
 DEADLINE = 20.0
 pytestmark = pytest.mark.parametrize("store", ["postgres"])
 
@@ -105,6 +110,32 @@ async def first_then_queued(rt: Runtime, first: asyncio.Task[Any],
 
 async def _waiting(rt: Runtime) -> bool:
     return bool(await lock_waiters(rt))
+
+
+async def _lock_waiting(rt: Runtime, pid: int) -> bool:
+    async with rt.services.db.read() as session:
+        return bool((await session.execute(text(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = :pid AND wait_event_type = 'Lock'"),
+            {"pid": pid})).first())
+
+
+async def _queued_or_waiting(rt: Runtime, waiters: int) -> bool:
+    """A change queued in this process, or `waiters` of them waiting on the server."""
+    return queued(PRODUCT) > 0 or len(await lock_waiters(rt)) >= waiters
+
+
+def _pending() -> int:
+    """Changes waiting in any group of this process."""
+    return sum(flight.group.pending for flight in change_groups._FLIGHTS.values())
+
+
+@asynccontextmanager
+async def job_held(rt: Runtime, job: Job) -> AsyncIterator[Any]:
+    """Another transaction holds `job`'s row, as a change of it on the general path
+    does before it bumps the product's sequence."""
+    async with rt.services.db.read() as holder:
+        await holder.execute(select(Job.id).where(Job.id == job.id).with_for_update())
+        yield holder
 
 
 async def test_queued_transitions_commit_as_one_batch(runtime: Runtime) -> None:
@@ -191,6 +222,81 @@ async def test_two_changes_of_one_job_never_share_a_batch(runtime: Runtime) -> N
     assert "from BUILDING to BUILDING" in str(outcomes[2])
     assert outcomes[3].stage == JobStage.BUILDING
     assert [e.entity_id for e in await stored_events(runtime)].count(jobs[1].id) == 3
+
+
+async def test_a_batch_skips_a_job_another_transaction_holds_instead_of_deadlocking(
+    runtime: Runtime,
+) -> None:
+    jobs = await claimed(runtime, 3)
+    before = (STATS.failed, STATS.again)
+    async with product_held(runtime) as blocker, job_held(runtime, jobs[2]) as holder:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2])])
+        await blocker.rollback()
+        await first
+        await until(lambda: _waiting(runtime))  # jobs[2]'s change waits for its row
+        # the holder now wants the product row, as its event would: the batch must
+        # not be holding it while it waits for the job (a deadlock, one side aborted)
+        await holder.execute(
+            select(Product.id).where(Product.id == PRODUCT).with_for_update())
+        await holder.rollback()
+    moved = await asyncio.gather(*rest)
+    assert (STATS.failed, STATS.again) == (before[0], before[1] + 1)
+    assert [job.stage for job in moved] == [JobStage.BUILDING] * 2
+    stored = await stored_events(runtime)
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+    assert [e.entity_id for e in stored[-3:]] == [j.id for j in jobs]
+
+
+async def test_a_change_made_while_a_batch_is_in_flight_queues_behind_it(
+    runtime: Runtime,
+) -> None:
+    jobs = await claimed(runtime, 4)
+    before = (STATS.batches, STATS.batched)
+    async with product_held(runtime) as blocker, runtime.services.db.read() as other:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1]), move(runtime, jobs[2])])
+        # another transaction queues for the product row behind the first, so that the
+        # batch, sent once the first has committed, waits on the server for it
+        pid = (await other.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        other_holds = asyncio.create_task(other.execute(
+            select(Product.id).where(Product.id == PRODUCT).with_for_update()))
+        await until(lambda: _lock_waiting(runtime, pid))
+        await blocker.rollback()
+        await first
+        await other_holds
+        await until(lambda: _waiting(runtime))  # the batch, holding the flight
+        late = move(runtime, jobs[3])
+        await until(lambda: _queued_or_waiting(runtime, 2))
+        assert queued(PRODUCT) == 1  # behind the batch, not beside it on the server
+        await other.rollback()
+    moved = await asyncio.gather(*rest, late)
+    assert [job.stage for job in moved] == [JobStage.BUILDING] * 3
+    assert (STATS.batches, STATS.batched) == (before[0] + 1, before[1] + 2)
+    assert not change_groups._FLIGHTS
+
+
+async def test_another_products_change_never_waits_for_this_ones(
+    runtime: Runtime, make_token: Any,
+) -> None:
+    await make_token(OTHER, Role.WORKER)
+    jobs = await claimed(runtime, 1)
+    await submit(runtime, product=OTHER)
+    other_job: Job = await one_call(runtime, "claim_next_job", WORKER, product=OTHER)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        await until(lambda: _waiting(runtime))
+        elsewhere = asyncio.create_task(one_call(
+            runtime, "transition_job", other_job.id, other_job.lease_fence, JobStage.BUILDING,
+            product=OTHER))
+        await until(lambda: elsewhere.done() or _pending() > 0)
+        assert _pending() == 0  # it did not queue behind acme's change: it ran alone
+        assert (await elsewhere).stage == JobStage.BUILDING
+        await blocker.rollback()
+    assert (await first).stage == JobStage.BUILDING
+    assert [e.seq for e in await stored_events(runtime, OTHER)] == [1, 2, 3]
 
 
 async def test_a_caller_cancelled_while_queued_still_publishes_what_committed(
