@@ -15,7 +15,7 @@ batch waits.
 * a batch skips a job another transaction holds (SKIP LOCKED) and runs it alone after
   committing, instead of holding the product row while it waits (a deadlock);
 * a change made while a batch is in flight queues behind it; another product's change
-  never queues behind this one's;
+  never queues behind this one's, nor another runtime's (engine's);
 * a caller cancelled while queued still gets its committed change published;
 * a connection lost mid-batch is SERVICE_UNAVAILABLE for each member, run again for
   none (the batch may have committed).
@@ -297,6 +297,25 @@ async def test_another_products_change_never_waits_for_this_ones(
         await blocker.rollback()
     assert (await first).stage == JobStage.BUILDING
     assert [e.seq for e in await stored_events(runtime, OTHER)] == [1, 2, 3]
+
+
+async def test_another_runtimes_change_never_queues_behind_this_ones(
+    runtime: Runtime, make_runtime: Any,
+) -> None:
+    """Two runtimes in one process (two engines, as on two instances): each groups its
+    own changes — a group runs what it took on its own engine's pool and database."""
+    other = await make_runtime()
+    jobs = await claimed(runtime, 2)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        await until(lambda: _waiting(runtime))
+        beside = move(other, jobs[1])
+        await until(lambda: _queued_or_waiting(runtime, 2))
+        assert queued(PRODUCT) == 0  # on the server beside the first, alone
+        await blocker.rollback()
+    moved = await asyncio.gather(first, beside)
+    assert [job.stage for job in moved] == [JobStage.BUILDING] * 2
+    assert not change_groups._FLIGHTS
 
 
 async def test_a_caller_cancelled_while_queued_still_publishes_what_committed(
