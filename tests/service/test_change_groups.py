@@ -51,13 +51,6 @@ DEADLINE = 20.0
 pytestmark = pytest.mark.parametrize("store", ["postgres"])
 
 
-@pytest.fixture
-async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
-    await make_token(PRODUCT, Role.WORKER)
-    result: Runtime = await make_runtime()
-    return result
-
-
 async def until(condition: Callable[[], Awaitable[bool] | bool]) -> None:
     """Poll `condition` (the server's lock waits, this process's queue) until it holds."""
     async with asyncio.timeout(DEADLINE):

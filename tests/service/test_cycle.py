@@ -42,14 +42,6 @@ WORKER = WorkerProfile("worker-1")
 DEADLINE = 20.0
 
 
-@pytest.fixture
-async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
-    await make_token(PRODUCT, Role.WORKER)
-    await make_token(OTHER, Role.WORKER)
-    result: Runtime = await make_runtime()
-    return result
-
-
 @contextmanager
 def statements(rt: Runtime) -> Iterator[list[str]]:
     """The SQL statements the runtime's engine sends meanwhile."""

@@ -47,14 +47,6 @@ DEADLINE = 20.0
 postgres_only = pytest.mark.parametrize("store", ["postgres"])
 
 
-@pytest.fixture
-async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
-    await make_token(PRODUCT, Role.WORKER)
-    await make_token(OTHER, Role.WORKER)
-    result: Runtime = await make_runtime()
-    return result
-
-
 async def one_call(rt: Runtime, name: str, *args: Any, product: str = PRODUCT,
                    **kw: Any) -> Any:
     async with rt.services.db.unit_of_work(one_call=True) as session:

@@ -19,7 +19,6 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
-from app.auth.models import Role
 from app.errors import StoreUnavailableError
 from app.fleet import claim as claim_module
 from app.fleet.models import Job, JobStage
@@ -27,17 +26,10 @@ from app.fleet.scheduler import WorkerProfile
 from app.lone import LoneUnit
 from app.main import Runtime
 from tests.service.test_cycle import last_seq, load, stored_events
-from tests.service.test_lone import PRODUCT, claim, one_call, publishing, submit
+from tests.service.test_lone import claim, one_call, publishing, submit
 
 DEADLINE = 20.0
 pytestmark = pytest.mark.parametrize("store", ["postgres"])
-
-
-@pytest.fixture
-async def runtime(make_runtime: Any, make_token: Any) -> Runtime:
-    await make_token(PRODUCT, Role.WORKER)
-    result: Runtime = await make_runtime()
-    return result
 
 
 async def test_a_claim_alone_holds_its_head_until_its_assignment_commits(
