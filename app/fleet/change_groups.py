@@ -54,7 +54,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import asyncpg
@@ -80,7 +80,7 @@ class _Change:
     job_id: int
     row: Row | None = None
     error: BaseException | None = None
-    ran: bool = field(default=False)
+    ran: bool = False
 
 
 @dataclass
