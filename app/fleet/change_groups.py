@@ -53,16 +53,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.bridge.group_commit import GroupCommit, Take
 from app.fleet.statements import KEYS, PgStatement
-from app.lone import LOST, LoneUnit, on_driver
+from app.lone import LOST, LoneUnit, R, Work, on_driver
 
 logger = logging.getLogger(__name__)
 _ID = KEYS.index("id")
@@ -70,17 +70,33 @@ Row = Sequence[Any]
 T = TypeVar("T")
 
 
+@dataclass(kw_only=True)
+class Request:
+    """One caller's request in a group: what its run made of it (`row`, or `error`),
+    and whether it ran at all."""
+
+    row: Any = None
+    error: BaseException | None = None
+    ran: bool = False
+
+    def served(self) -> Any:
+        """What the run made of the request: its row (None: it changed nothing), or
+        its error raised."""
+        if self.error is not None:
+            raise self.error
+        if not self.ran:
+            raise asyncpg.InterfaceError("the group's run ended before this one ran")
+        return self.row
+
+
 @dataclass
-class _Change:
+class _Change(Request):
     """One caller's change: `statement` with `args`, for job `job_id`."""
 
     statement: PgStatement
     grouped: PgStatement
     args: dict[str, Any]
     job_id: int
-    row: Row | None = None
-    error: BaseException | None = None
-    ran: bool = False
 
 
 @dataclass
@@ -91,25 +107,67 @@ class Stats:
     batched: int = 0  # changes those carried
     failed: int = 0  # batches that raised and were run again alone
     again: int = 0  # members that returned no row and ran again alone
+    claim_batches: int = 0  # claim batches committed (app.fleet.claim)
+    claims_batched: int = 0  # claims those carried
 
 
 STATS = Stats()
+Q = TypeVar("Q", bound=Request)
 
 
-class _Flight:
-    """One product's changes by one statement in this process: the one running alone
-    (`alone`, set once it is done), and the group the others queue in."""
+class Flight(Generic[Q]):
+    """One product's requests of one kind in this process, on `engine`: the one
+    running alone (`alone`, set once it is done), and the group the others queue in,
+    whose `run(flight, take)` serves them."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, run: Callable[[Flight[Q], Take[Q]], Awaitable[None]],
+                 engine: AsyncEngine, name: str) -> None:
+        self.engine = engine
         self.alone: asyncio.Event | None = None
-        self.group: GroupCommit[_Change] = GroupCommit(
-            lambda take: _run(self, engine, take), name="pg-change-group")
+        self.group: GroupCommit[Q] = GroupCommit(lambda take: run(self, take), name=name)
 
     def idle(self) -> bool:
         return self.alone is None and not self.group.busy
 
+    async def after_alone(self) -> None:
+        """Wait until the request running alone (if one is) is done."""
+        if self.alone is not None:
+            await self.alone.wait()
 
-_FLIGHTS: dict[tuple[AsyncEngine, str, PgStatement], _Flight] = {}
+
+_FLIGHTS: dict[tuple[Any, ...], Flight[Any]] = {}
+
+
+async def in_flight(
+    lone: LoneUnit, key: tuple[Any, ...], request: Q, *,
+    run: Callable[[Flight[Q], Take[Q]], Awaitable[None]],
+    alone: Work[R], transaction: bool, then: Callable[[R], T],
+) -> T | None:
+    """`then` of what `request` came to (None when it changed nothing) in unit of work
+    `lone`: with nothing of flight `key` (engine, product, kind) in flight, `alone`
+    runs at once in `lone.run` (`transaction` as there), as it would without the
+    group; else `request` queues in the flight's group, whose `run` serves it with the
+    others that queued meanwhile (see the module docstring)."""
+    flight = _FLIGHTS.get(key)
+    if flight is None:
+        flight = _FLIGHTS[key] = Flight(run, lone.engine, name=f"pg-{key[-1]}-group")
+    try:
+        if flight.idle():
+            flight.alone = done = asyncio.Event()
+            try:
+                return await lone.run(alone, then, transaction=transaction)
+            finally:
+                flight.alone = None
+                done.set()
+
+        async def queued() -> Any:
+            await flight.group.submit(request)
+            return request.served()
+
+        return await lone.run_queued(queued, then)
+    finally:
+        if flight.idle() and _FLIGHTS.get(key) is flight:
+            del _FLIGHTS[key]
 
 
 async def pg_change_grouped(
@@ -122,33 +180,10 @@ async def pg_change_grouped(
     in `lone.run`, as it would without the group.  `args` holds `product_id` and
     `job_id`.  Store errors leave as the driver's."""
     engine = lone.engine
-    key = (engine, args["product_id"], statement)
-    flight = _FLIGHTS.get(key)
-    if flight is None:
-        flight = _FLIGHTS[key] = _Flight(engine)
-    change = _Change(statement, grouped, args, args["job_id"])
-    try:
-        if flight.idle():
-            flight.alone = done = asyncio.Event()
-            try:
-                return await lone.run(lambda driver: _first(driver, engine, change), then,
-                                      transaction=False)
-            finally:
-                flight.alone = None
-                done.set()
-        return await lone.run_queued(lambda: _queued(flight, change), then)
-    finally:
-        if flight.idle() and _FLIGHTS.get(key) is flight:
-            del _FLIGHTS[key]
-
-
-async def _queued(flight: _Flight, change: _Change) -> Row | None:
-    await flight.group.submit(change)
-    if change.error is not None:
-        raise change.error
-    if not change.ran:
-        raise asyncpg.InterfaceError("the change's run ended before it ran")
-    return change.row
+    change = _Change(statement=statement, grouped=grouped, args=args, job_id=args["job_id"])
+    return await in_flight(
+        lone, (engine, args["product_id"], statement, "change"), change, run=_run,
+        alone=lambda driver: _first(driver, engine, change), transaction=False, then=then)
 
 
 async def _first(driver: Any, engine: AsyncEngine, change: _Change) -> Row | None:
@@ -156,13 +191,13 @@ async def _first(driver: Any, engine: AsyncEngine, change: _Change) -> Row | Non
     return rows[0] if rows else None
 
 
-async def _run(flight: _Flight, engine: AsyncEngine, take: Take[_Change]) -> None:
+async def _run(flight: Flight[_Change], take: Take[_Change]) -> None:
     """A run of the group, once the change running alone is done: the changes pending
     then, alone or as one batch; a second change of a job already in the batch runs
     alone after it."""
-    if flight.alone is not None:
-        await flight.alone.wait()
+    await flight.after_alone()
     changes = take()
+    engine = flight.engine
     batch: list[_Change] = []
     later: list[_Change] = []
     jobs: set[int] = set()

@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import text
 
 from app.errors import StoreUnavailableError
-from app.fleet import claim as claim_module
+from app.fleet import claim_batch
 from app.fleet.models import Job, JobStage
 from app.fleet.scheduler import WorkerProfile
 from app.lone import LoneUnit
@@ -33,15 +33,17 @@ pytestmark = pytest.mark.parametrize("store", ["postgres"])
 
 
 async def test_a_claim_alone_holds_its_head_until_its_assignment_commits(
-    runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+    runtime: Runtime, make_runtime: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Claim A is held between its heads and its assignment while claim B runs from
-    start to end: B passes over A's locked head and takes the next job, and A then
-    assigns the head it read.  Were A's heads read outside its transaction, B would
-    take A's head and A's assignment would match nothing."""
+    start to end in another runtime (in this one it would queue behind A,
+    app.fleet.claim_batch): B passes over A's locked head and takes the next job, and
+    A then assigns the head it read.  Were A's heads read outside its transaction, B
+    would take A's head and A's assignment would match nothing."""
+    other = await make_runtime()
     first, second = await submit(runtime, title="first"), await submit(runtime, title="second")
     between, go = asyncio.Event(), asyncio.Event()
-    assign = claim_module._PG_ASSIGN.fetch
+    assign = claim_batch.PG_ASSIGN.fetch
 
     async def held_back(*args: Any, **kw: Any) -> Any:
         if not between.is_set():
@@ -49,11 +51,11 @@ async def test_a_claim_alone_holds_its_head_until_its_assignment_commits(
             await go.wait()
         return await assign(*args, **kw)
 
-    monkeypatch.setattr(claim_module._PG_ASSIGN, "fetch", held_back)
+    monkeypatch.setattr(claim_batch.PG_ASSIGN, "fetch", held_back)
     claim_a = asyncio.create_task(claim(runtime))
     async with asyncio.timeout(DEADLINE):
         await between.wait()
-        job_b = await claim(runtime)
+        job_b = await claim(other)
         go.set()
         job_a = await claim_a
     assert (job_a.id, job_b.id) == (first.id, second.id)

@@ -1,0 +1,171 @@
+"""The claim's statements (DESIGN §2, §3), built once at import: the queues' heads and
+the assignment with its event, for each store; and the rows-to-candidates step
+between them.  How they run: `app.fleet.claim` (one claim) and
+`app.fleet.claim_batch` (a batch of a product's concurrent claims on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import String, TextualSelect, bindparam, column, text
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.types import Integer, TypeEngine
+
+from app.db import JsonDocument, UTCDateTime
+from app.events.outbox import EVENT_CREATED_AT
+from app.fleet.changes import EVENT_RESULT, pg_with_event
+from app.fleet.models import JobStage, Priority
+from app.fleet.scheduler import Candidate, WorkerProfile
+from app.fleet.statements import (
+    TABLE,
+    PgStatement,
+    SqliteStatement,
+    returning,
+    sqlite_job_statement,
+)
+
+_HEAD_COLUMNS = "id, priority, capabilities, engine_class, profile, queued_at, not_before"
+_HEAD_TYPES: tuple[TypeEngine[Any], ...] = (
+    Integer(), TABLE.c.priority.type, JsonDocument, String(), String(), UTCDateTime(),
+    UTCDateTime(),
+)
+
+
+def _head_sql(priority: Priority, *, now: str, postgres: bool, limit: str = "1") -> str:
+    """One priority's queue head, its first `limit` rows: an index range scan of
+    `ix_jobs_claim` in queue order that stops at the first rows passing the
+    engine-class, profile and capability filters (on PostgreSQL, and skipping rows
+    another claimer has locked)."""
+    if postgres:
+        filters = """(engine_class IS NULL OR engine_class = ANY(:engine_classes))
+      AND (profile IS NULL OR profile = ANY(:profiles))
+      AND capabilities <@ :capabilities"""
+        lock = " FOR UPDATE SKIP LOCKED"
+    else:
+        filters = """(engine_class IS NULL
+           OR engine_class IN (SELECT value FROM json_each(:engine_classes)))
+      AND (profile IS NULL OR profile IN (SELECT value FROM json_each(:profiles)))
+      AND NOT EXISTS (SELECT 1 FROM json_each(jobs.capabilities) AS needed
+                      WHERE needed.value NOT IN (SELECT value FROM json_each(:capabilities)))"""
+        lock = ""
+    return f"""SELECT {_HEAD_COLUMNS} FROM jobs
+    WHERE product_id = :product_id AND stage = 'QUEUED' AND priority = '{priority.value}'
+      AND queued_at <= {now}
+      AND {filters}
+    ORDER BY queued_at, id LIMIT {limit}{lock}"""
+
+
+def _pg_heads(limit: str) -> TextualSelect:
+    """The four heads (`limit` rows each: a literal, or `:n`) and the clock they were
+    read at, as one statement."""
+    binds: list[BindParameter[Any]] = [
+        bindparam("now", type_=UTCDateTime()),
+        bindparam("engine_classes", type_=ARRAY(String())),
+        bindparam("profiles", type_=ARRAY(String())),
+        bindparam("capabilities", type_=JSONB()),
+    ]
+    if limit.startswith(":"):
+        binds.append(bindparam(limit[1:], type_=Integer()))
+    return (
+        text(
+            "WITH clock AS MATERIALIZED (SELECT coalesce(:now, clock_timestamp()) AS now), "
+            + ", ".join(
+                f"head_{priority.value.lower()} AS (\n    "
+                + _head_sql(priority, now="(SELECT now FROM clock)", postgres=True,
+                            limit=limit) + ")"
+                for priority in Priority
+            )
+            + "\nSELECT heads.*, clock.now FROM ("
+            + " UNION ALL ".join(f"SELECT * FROM head_{p.value.lower()}" for p in Priority)
+            + ") AS heads CROSS JOIN clock"
+        )
+        .bindparams(*binds)
+        .columns(*(column(name.strip(), type_) for name, type_ in
+                   zip(_HEAD_COLUMNS.split(","), _HEAD_TYPES, strict=True)),
+                 column("now", UTCDateTime()))
+    )
+
+
+PG_HEADS = _pg_heads("1")
+PG_HEADS_RUN = PgStatement.of(PG_HEADS)
+# The first `n` rows of each priority's queue: the heads of a batch of n claims
+# (app.fleet.claim_batch).
+PG_HEADS_N_RUN = PgStatement.of(_pg_heads(":n"))
+SQLITE_HEADS = SqliteStatement(
+    " UNION ALL ".join(
+        f"SELECT * FROM ({_head_sql(priority, now=':now', postgres=False)})"
+        for priority in Priority
+    ),
+    binds={"now": UTCDateTime()}, results=_HEAD_TYPES,
+)
+
+
+def sqlite_heads_params(
+    product_id: str, worker: WorkerProfile, now: datetime
+) -> dict[str, Any]:
+    return {
+        "product_id": product_id, "now": now,
+        "engine_classes": json.dumps(sorted(worker.engine_classes)),
+        "profiles": json.dumps(sorted(worker.profiles)),
+        "capabilities": json.dumps(sorted(worker.capabilities)),
+    }
+
+
+def pg_claim_heads_statement(
+    product_id: str, worker: WorkerProfile, now: datetime | None
+) -> tuple[TextualSelect, dict[str, Any]]:
+    """PostgreSQL: the heads statement and its parameters (also for EXPLAIN);
+    `now` None reads the database clock."""
+    return PG_HEADS, {
+        "product_id": product_id, "now": now,
+        "engine_classes": sorted(worker.engine_classes),
+        "profiles": sorted(worker.profiles),
+        "capabilities": sorted(worker.capabilities),
+    }
+
+
+def candidates(rows: Sequence[Sequence[Any]]) -> list[Candidate]:
+    """Head rows (`_HEAD_COLUMNS`) as the scheduler's candidates."""
+    return [
+        Candidate(id=row[0], stage=JobStage.QUEUED, priority=row[1],
+                  capabilities=frozenset(row[2] or ()), engine_class=row[3], profile=row[4],
+                  eligible_since=row[5], not_before=row[6])
+        for row in rows
+    ]
+
+
+# -- assign ---------------------------------------------------------------------
+
+_ASSIGN_SET = """stage = 'ASSIGNED', attempts = {p}attempts + 1,
+        lease_fence = {p}lease_fence + 1, lease_worker_id = :worker_id,
+        lease_expires_at = :expires_at, not_before = NULL,
+        started_at = coalesce({p}started_at, :now), updated_at = :now"""
+_ASSIGN_WHERE = "{p}product_id = :product_id AND {p}id = :job_id AND {p}stage = 'QUEUED'"
+PG_ASSIGN = PgStatement(
+    "WITH " + pg_with_event(
+        f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')}"
+        f" WHERE {_ASSIGN_WHERE.format(p='jobs.')}"
+        f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage"
+    ),
+    *EVENT_RESULT,
+    binds=(bindparam("now", type_=UTCDateTime()),
+           bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
+)
+SQLITE_ASSIGN = sqlite_job_statement(
+    f"UPDATE jobs SET {_ASSIGN_SET.format(p='')} WHERE {_ASSIGN_WHERE.format(p='')}"
+    f" RETURNING {returning('')}",
+    now=UTCDateTime(), expires_at=UTCDateTime(),
+)
+
+
+def assign_params(product_id: str, job_id: int, worker_id: str, now: datetime,
+                   lease_seconds: int) -> dict[str, Any]:
+    return {
+        "product_id": product_id, "job_id": job_id, "worker_id": worker_id, "now": now,
+        "expires_at": now + timedelta(seconds=lease_seconds),
+    }
