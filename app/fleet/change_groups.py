@@ -44,6 +44,10 @@ snapshot shows none or all of them, after every number before them (the argument
 delivered at that commit, in order.  Across processes the product row serializes the
 batches as it serializes single statements.
 
+The flights themselves (`Flight`, `in_flight`: alone when idle, else queue for the
+group's next run) serve other requests too: a product's claims
+(app.fleet.claim_batch), whose batch is an explicit transaction instead.
+
 Cancellation: the caller awaits its change through `LoneUnit.run` or
 `LoneUnit.run_queued`, in a task its cancellation cannot stop, and a group's run is a
 task of its own: a committed change is always handed back, and its event published.

@@ -17,13 +17,16 @@ thread):
 
 | call | PostgreSQL, one call alone | PostgreSQL, in a larger unit | SQLite, alone | SQLite |
 |---|---|---|---|---|
-| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT | 4 | 1 | 3 |
+| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT (N claims batched: 4) | 4 | 1 | 3 |
 | transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 1 | 3 |
 | heartbeat | 1 | 3 | 1 | 3 |
 
 A transition or a release alone that finds another change of its product (and
-statement) in flight in this process queues behind it, and the changes queued
-meanwhile commit together, in one round trip (`app.fleet.change_groups`).
+statement: on PostgreSQL one statement serves every target stage) in flight in this
+process queues behind it, and the changes queued meanwhile commit together, in one
+round trip (`app.fleet.change_groups`); a claim alone likewise queues behind the
+product's claim in flight, and the queued claims share one transaction
+(`app.fleet.claim_batch`).
 
 "One call alone" is a unit of work opened with `one_call=True` (`app.lone`: the
 lease holder's mutations): there the statements run on the driver, a single
@@ -119,16 +122,43 @@ def _transition_set(to: JobStage) -> str:
         finished_at = {finished}, updated_at = {{now}}"""
 
 
-def _held_where(sources: Sequence[JobStage], now: str) -> str:
-    """The lease is held (DESIGN §2): the job is in one of `sources` (active stages),
-    `fence` is its current fence and its lease has not expired."""
+def _held_where(sources: Sequence[JobStage] | str, now: str) -> str:
+    """The lease is held (DESIGN §2): the job is in one of `sources` (active stages;
+    or, given as SQL, the condition on its stage), `fence` is its current fence and
+    its lease has not expired."""
+    stage = sources if isinstance(sources, str) else f"jobs.stage IN ({stage_list(sources)})"
     return (f"jobs.product_id = :product_id AND jobs.id = :job_id"
-            f" AND jobs.lease_fence = :fence AND jobs.stage IN ({stage_list(sources)})"
+            f" AND jobs.lease_fence = :fence AND {stage}"
             f" AND jobs.lease_expires_at > {now}")
 
 
+_TO = "CAST(:to AS VARCHAR)"
+
+
+def _any_transition_set() -> str:
+    """`_transition_set` for every target at once, the target bound as `:to`."""
+    over = _OVER_BUDGET
+    ends = f"({over} OR {_TO} IN ('{JobStage.SHIPPED.value}', '{JobStage.FAILED.value}'))"
+    return f"""stage = CASE WHEN {over} THEN 'FAILED' ELSE {_TO} END,
+        failure_reason = CASE WHEN {over} THEN :budget_reason
+                              WHEN {_TO} = 'FAILED' THEN :reason ELSE jobs.failure_reason END,
+        cost_usd = jobs.cost_usd + :cost_usd, tokens_in = jobs.tokens_in + :tokens_in,
+        tokens_out = jobs.tokens_out + :tokens_out,
+        lease_worker_id = CASE WHEN {ends} THEN NULL ELSE jobs.lease_worker_id END,
+        lease_expires_at = CASE WHEN {ends} THEN NULL ELSE jobs.lease_expires_at END,
+        finished_at = CASE WHEN {ends} THEN {{now}} ELSE jobs.finished_at END,
+        updated_at = {{now}}"""
+
+
+def _any_move() -> str:
+    """The job's stage may move to `:to` (the graph of app.fleet.stages), as SQL."""
+    pairs = ", ".join(f"('{source.value}', '{to.value}')"
+                      for to in FAST_TARGETS for source in _sources(to))
+    return f"(jobs.stage, {_TO}) IN ({pairs})"
+
+
 def _pg_fenced_change(
-    set_sql: str, sources: Sequence[JobStage], types: Mapping[str, TypeEngine[Any]]
+    set_sql: str, sources: Sequence[JobStage] | str, types: Mapping[str, TypeEngine[Any]]
 ) -> tuple[PgStatement, PgStatement]:
     """PostgreSQL: lock the job, apply `set_sql` if the lease is held, append the
     event and NOTIFY — one statement.  `locked` takes the row lock first (waiting for
@@ -174,10 +204,11 @@ def _sources(to: JobStage) -> tuple[JobStage, ...]:
 # The targets some stage may move to; a move to another one (QUEUED, ASSIGNED,
 # CANCELLED) can match no row, so it needs no statement to be refused.
 FAST_TARGETS = tuple(stage for stage in JobStage if _sources(stage))
-_PG_TRANSITIONS = {
-    to: _pg_fenced_change(_transition_set(to), _sources(to), _TRANSITION_TYPES)
-    for to in FAST_TARGETS
-}
+# PostgreSQL: ONE statement for every target, so that a product's concurrent moves
+# (BUILDING, SHIPPED, …) share its batches (app.fleet.change_groups keys them by
+# statement).
+_PG_TRANSITION = _pg_fenced_change(_any_transition_set(), _any_move(),
+                                   {**_TRANSITION_TYPES, "to": String()})
 _SQLITE_TRANSITIONS = {
     to: _sqlite_fenced_change(_transition_set(to), _sources(to), _TRANSITION_TYPES)
     for to in FAST_TARGETS
@@ -207,8 +238,8 @@ async def transition(
         "budget_tolerance": BUDGET_TOLERANCE_USD, "budget_reason": BUDGET_EXCEEDED_REASON,
     }
     if is_postgres(session):
-        alone, grouped = _PG_TRANSITIONS[to]
-        return await pg_change(session, alone, params, grouped=grouped)
+        alone, grouped = _PG_TRANSITION
+        return await pg_change(session, alone, {**params, "to": to.value}, grouped=grouped)
     return await sqlite_change(session, _SQLITE_TRANSITIONS[to], params)
 
 

@@ -153,6 +153,40 @@ async def test_queued_transitions_commit_as_one_batch(runtime: Runtime) -> None:
     assert sorted(published, key=lambda e: e.seq) == stored[-6:]
 
 
+async def test_moves_to_different_stages_share_a_batch_and_each_lands_as_alone(
+    runtime: Runtime,
+) -> None:
+    """One statement serves every target stage on PostgreSQL: moves to BUILDING,
+    SHIPPED and FAILED queue together and commit as one batch, each with what its
+    target does to the lease, `finishedAt` and the reason; a move the graph refuses
+    (BUILDING → BUILDING) is refused as ever."""
+    jobs = await claimed(runtime, 5)
+    await move(runtime, jobs[4])  # BUILDING, and BUILDING → BUILDING is not a move
+    before = (STATS.batches, STATS.batched)
+    async with product_held(runtime) as blocker:
+        first = move(runtime, jobs[0])
+        rest = await first_then_queued(runtime, first, lambda: [
+            move(runtime, jobs[1], JobStage.SHIPPED),
+            move(runtime, jobs[2], JobStage.FAILED, reason="gave up"),
+            move(runtime, jobs[3], JobStage.REVIEW),
+            move(runtime, jobs[4], JobStage.BUILDING)])
+        await blocker.rollback()
+    outcomes = await asyncio.gather(first, *rest, return_exceptions=True)
+    assert (STATS.batches, STATS.batched) == (before[0] + 1, before[1] + 4)
+    assert isinstance(outcomes[4], ConflictError)
+    moved = outcomes[:4]
+    assert [job.stage for job in moved] == [
+        JobStage.BUILDING, JobStage.SHIPPED, JobStage.FAILED, JobStage.REVIEW]
+    for job in moved:
+        assert columns(job) == columns(await load(runtime, job.id))
+    ended = [(job.lease_worker_id is None, job.finished_at is not None) for job in moved]
+    assert ended == [(False, False), (True, True), (True, True), (False, False)]
+    assert [job.failure_reason for job in moved] == [None, None, "gave up", None]
+    assert (await load(runtime, jobs[4].id)).stage == JobStage.BUILDING
+    stored = await stored_events(runtime)
+    assert [e.seq for e in stored] == list(range(1, len(stored) + 1))
+
+
 async def test_a_refused_member_is_refused_as_alone_and_the_others_commit(
     runtime: Runtime,
 ) -> None:
