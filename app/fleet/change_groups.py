@@ -113,6 +113,7 @@ class Stats:
     again: int = 0  # members that returned no row and ran again alone
     claim_batches: int = 0  # claim batches committed (app.fleet.claim)
     claims_batched: int = 0  # claims those carried
+    claims_raced: int = 0  # claims alone whose job changed before its assignment
 
 
 STATS = Stats()

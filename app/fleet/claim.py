@@ -1,12 +1,15 @@
 """The claim (DESIGN §2, §3): the queues' heads, the scheduler's choice, the assignment.
 
 PostgreSQL: the heads (`FOR UPDATE SKIP LOCKED`, reading the database clock) and the
-assignment with its event and NOTIFY — two statements in one transaction; in a unit
-of work of one call (`app.lone`) the whole transaction runs on the driver
-(`claim_job`), and a product's claims that arrive while one is in flight are served
-together, in one transaction (`app.fleet.claim_batch`).  The statements are
-`app.fleet.claim_statements`.  SQLite: heads; assign; sequence; event, under the write lock, in one
-hop to the driver's thread (with BEGIN and COMMIT in a unit of work of one call).
+assignment with its event and NOTIFY — two statements in one transaction.  In a unit
+of work of one call (`app.lone`) the claim runs on the driver (`claim_job`,
+`app.fleet.claim_batch`): alone, the heads read without locks and an assignment
+conditional on the job as read, each its own implicit transaction (the locking
+transaction only when another claimer took the job meanwhile); a product's claims
+that arrive while one is in flight are served together, in one locking transaction.
+The statements are `app.fleet.claim_statements`.  SQLite: heads; assign; sequence;
+event, under the write lock, in one hop to the driver's thread (with BEGIN and COMMIT
+in a unit of work of one call).
 """
 
 from __future__ import annotations

@@ -1,14 +1,17 @@
 """A product's concurrent claims served together on PostgreSQL (issue 12).
 
-A claim alone (`app.lone`, a unit of work of one call) is one transaction of four
-round trips: BEGIN; the heads, locked `FOR UPDATE SKIP LOCKED`; the assignment with
-its event, which bumps the product's `last_event_seq` and holds that row; COMMIT.
-Claims of one product therefore commit one after the other, each paying its own
-WAL flush while the product row stays locked.  Through the flights of
+The locking claim (`pg_claim_alone`) is one transaction of four round trips: BEGIN;
+the heads, locked `FOR UPDATE SKIP LOCKED`; the assignment with its event, which
+bumps the product's `last_event_seq` and holds that row; COMMIT.  Claims of one
+product commit one after the other, each paying its own WAL flush while the product
+row stays locked.  Through the flights of
 `app.fleet.change_groups` (one per product, kind "claim"):
 
 * nothing of the product's claims in flight in this process: the claim runs at once,
-  alone, exactly as before (`pg_claim_alone` in `LoneUnit.run`);
+  alone, in `LoneUnit.run` — the heads read without locks, then the assignment only
+  if the job is still as read, two implicit transactions (`pg_claim_first`; the
+  locking claim, `pg_claim_alone`, only when another process's claimer took the job
+  meanwhile);
 * else it queues; when the claim in flight is done, the N claims that queued
   meanwhile are served by ONE transaction of four round trips: BEGIN; the heads, N
   rows of each priority (`PG_HEADS_N_RUN`, once per distinct worker profile, most
@@ -52,8 +55,11 @@ from app.bridge.group_commit import Take
 from app.db import utcnow
 from app.fleet.change_groups import STATS, Flight, Request, in_flight
 from app.fleet.claim_statements import (
+    HEAD_FENCE,
     PG_ASSIGN,
+    PG_ASSIGN_IF_UNCHANGED,
     PG_HEADS_N_RUN,
+    PG_HEADS_READ_RUN,
     PG_HEADS_RUN,
     assign_params,
     candidates,
@@ -96,8 +102,41 @@ async def pg_claim_grouped(
     engine = lone.engine
     return await in_flight(
         lone, (engine, claim.heads["product_id"], "claim"), claim, run=_run,
-        alone=lambda driver: pg_claim_alone(driver, engine, claim), transaction=True,
+        alone=lambda driver: pg_claim_first(driver, engine, claim), transaction=False,
         then=then)
+
+
+async def pg_claim_first(driver: Any, engine: AsyncEngine, claim: Claim) -> Assigned | None:
+    """`claim` alone with nothing of its product's claims in flight in this process, on
+    asyncpg connection `driver` outside any transaction: the heads read without locks,
+    `select_job`'s choice, and its assignment only if the job is as read
+    (`PG_ASSIGN_IF_UNCHANGED`) — two statements, each its own implicit transaction.
+    When the job changed or was locked meanwhile (another process's claimer took it),
+    the claim runs again as the locking claim, `pg_claim_alone`, in a transaction.
+
+    Why this is the same claim (DESIGN §2, §3): the choice is `select_job`'s among the
+    heads at the instant they were read, as the locking claim's is; the assignment
+    happens only while the job is still QUEUED at the fence read — a claim or a
+    requeue since would have raised the fence — and eligible, under its row lock, so
+    no two claimers get the same job.  What the locking claim adds, holding its heads
+    until it commits, only spares concurrent claimers a wasted try; in this process
+    the flight already makes the product's claims take turns."""
+    dialect, events = engine.dialect, engine.sync_engine
+    rows = await PG_HEADS_READ_RUN.fetch(driver, dialect, claim.heads, events)
+    if not rows:
+        return None
+    read_at: datetime = rows[0][-1]
+    chosen = select_job(candidates(rows), claim.worker, read_at, claim.aging_seconds)
+    if chosen is None:
+        return None
+    fence = next(row[HEAD_FENCE] for row in rows if row[0] == chosen.id)
+    params = {**_assignment(claim, chosen.id, read_at), "fence": fence}
+    assigned = await PG_ASSIGN_IF_UNCHANGED.fetch(driver, dialect, params, events)
+    if assigned:
+        return assigned[0], params["event_created_at"]
+    STATS.claims_raced += 1
+    async with driver.transaction():
+        return await pg_claim_alone(driver, engine, claim)
 
 
 async def pg_claim_alone(driver: Any, engine: AsyncEngine, claim: Claim) -> Assigned | None:

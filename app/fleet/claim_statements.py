@@ -29,40 +29,43 @@ from app.fleet.statements import (
     sqlite_job_statement,
 )
 
-_HEAD_COLUMNS = "id, priority, capabilities, engine_class, profile, queued_at, not_before"
+_HEAD_COLUMNS = ("id, priority, capabilities, engine_class, profile, queued_at, not_before,"
+                 " lease_fence")
 _HEAD_TYPES: tuple[TypeEngine[Any], ...] = (
     Integer(), TABLE.c.priority.type, JsonDocument, String(), String(), UTCDateTime(),
-    UTCDateTime(),
+    UTCDateTime(), Integer(),
 )
+HEAD_FENCE = 7  # a head row's lease_fence
 
 
-def _head_sql(priority: Priority, *, now: str, postgres: bool, limit: str = "1") -> str:
+def _head_sql(priority: Priority, *, now: str, postgres: bool, limit: str = "1",
+              lock: bool = True) -> str:
     """One priority's queue head, its first `limit` rows: an index range scan of
     `ix_jobs_claim` in queue order that stops at the first rows passing the
-    engine-class, profile and capability filters (on PostgreSQL, and skipping rows
-    another claimer has locked)."""
+    engine-class, profile and capability filters (on PostgreSQL with `lock`, locking
+    them and skipping rows another claimer has locked)."""
     if postgres:
         filters = """(engine_class IS NULL OR engine_class = ANY(:engine_classes))
       AND (profile IS NULL OR profile = ANY(:profiles))
       AND capabilities <@ :capabilities"""
-        lock = " FOR UPDATE SKIP LOCKED"
+        locking = " FOR UPDATE SKIP LOCKED" if lock else ""
     else:
         filters = """(engine_class IS NULL
            OR engine_class IN (SELECT value FROM json_each(:engine_classes)))
       AND (profile IS NULL OR profile IN (SELECT value FROM json_each(:profiles)))
       AND NOT EXISTS (SELECT 1 FROM json_each(jobs.capabilities) AS needed
                       WHERE needed.value NOT IN (SELECT value FROM json_each(:capabilities)))"""
-        lock = ""
+        locking = ""
     return f"""SELECT {_HEAD_COLUMNS} FROM jobs
     WHERE product_id = :product_id AND stage = 'QUEUED' AND priority = '{priority.value}'
       AND queued_at <= {now}
       AND {filters}
-    ORDER BY queued_at, id LIMIT {limit}{lock}"""
+    ORDER BY queued_at, id LIMIT {limit}{locking}"""
 
 
-def _pg_heads(limit: str) -> TextualSelect:
-    """The four heads (`limit` rows each: a literal, or `:n`) and the clock they were
-    read at, as one statement."""
+def _pg_heads(limit: str, *, lock: bool = True) -> TextualSelect:
+    """The four heads (`limit` rows each: a literal, or `:n`; locked with `lock`) and
+    the clock they were read at, as one statement."""
     binds: list[BindParameter[Any]] = [
         bindparam("now", type_=UTCDateTime()),
         bindparam("engine_classes", type_=ARRAY(String())),
@@ -77,7 +80,7 @@ def _pg_heads(limit: str) -> TextualSelect:
             + ", ".join(
                 f"head_{priority.value.lower()} AS (\n    "
                 + _head_sql(priority, now="(SELECT now FROM clock)", postgres=True,
-                            limit=limit) + ")"
+                            limit=limit, lock=lock) + ")"
                 for priority in Priority
             )
             + "\nSELECT heads.*, clock.now FROM ("
@@ -96,6 +99,9 @@ PG_HEADS_RUN = PgStatement.of(PG_HEADS)
 # The first `n` rows of each priority's queue: the heads of a batch of n claims
 # (app.fleet.claim_batch).
 PG_HEADS_N_RUN = PgStatement.of(_pg_heads(":n"))
+# The heads read without locking them: a claim alone's first try (app.fleet.claim_batch),
+# which then assigns only if its job is as it read it (`PG_ASSIGN_IF_UNCHANGED`).
+PG_HEADS_READ_RUN = PgStatement.of(_pg_heads("1", lock=False))
 SQLITE_HEADS = SqliteStatement(
     " UNION ALL ".join(
         f"SELECT * FROM ({_head_sql(priority, now=':now', postgres=False)})"
@@ -154,6 +160,24 @@ PG_ASSIGN = PgStatement(
     ),
     *EVENT_RESULT,
     binds=(bindparam("now", type_=UTCDateTime()),
+           bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
+)
+# The assignment of a job read without a lock: only while it is still QUEUED at the
+# fence read (any claim or requeue since has raised it), eligible at `now`, and not
+# locked by another transaction (SKIP LOCKED: the statement never waits, and a job
+# another claimer is assigning is simply not assigned) — one statement, its own
+# implicit transaction.
+PG_ASSIGN_IF_UNCHANGED = PgStatement(
+    "WITH locked AS (SELECT id FROM jobs WHERE product_id = :product_id AND id = :job_id"
+    " AND stage = 'QUEUED' AND lease_fence = :fence"
+    " AND (not_before IS NULL OR not_before <= :now) FOR UPDATE SKIP LOCKED), "
+    + pg_with_event(
+        f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')} FROM locked"
+        f" WHERE jobs.id = locked.id AND {_ASSIGN_WHERE.format(p='jobs.')}"
+        f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage"
+    ),
+    *EVENT_RESULT,
+    binds=(bindparam("now", type_=UTCDateTime()), bindparam("fence", type_=Integer()),
            bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
 )
 SQLITE_ASSIGN = sqlite_job_statement(

@@ -17,7 +17,7 @@ thread):
 
 | call | PostgreSQL, one call alone | PostgreSQL, in a larger unit | SQLite, alone | SQLite |
 |---|---|---|---|---|
-| claim | 4: BEGIN; heads; assign + event + NOTIFY; COMMIT (N claims batched: 4) | 4 | 1 | 3 |
+| claim | 2: heads; assign-if-unchanged + event + NOTIFY (N claims batched: 4) | 4 | 1 | 3 |
 | transition, release | 1: lock + UPDATE + event + NOTIFY | 3 | 1 | 3 |
 | heartbeat | 1 | 3 | 1 | 3 |
 
