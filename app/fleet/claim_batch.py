@@ -65,7 +65,7 @@ from app.fleet.claim_statements import (
     candidates,
 )
 from app.fleet.scheduler import Candidate, WorkerProfile, select_job
-from app.fleet.statements import KEYS
+from app.fleet.statements import KEYS, PgStatement
 from app.lone import LOST, LoneUnit, on_driver
 
 logger = logging.getLogger(__name__)
@@ -121,17 +121,11 @@ async def pg_claim_first(driver: Any, engine: AsyncEngine, claim: Claim) -> Assi
     no two claimers get the same job.  What the locking claim adds, holding its heads
     until it commits, only spares concurrent claimers a wasted try; in this process
     the flight already makes the product's claims take turns."""
-    dialect, events = engine.dialect, engine.sync_engine
-    rows = await PG_HEADS_READ_RUN.fetch(driver, dialect, claim.heads, events)
-    if not rows:
+    params = await _choice(driver, engine, claim, PG_HEADS_READ_RUN)
+    if params is None:
         return None
-    read_at: datetime = rows[0][-1]
-    chosen = select_job(candidates(rows), claim.worker, read_at, claim.aging_seconds)
-    if chosen is None:
-        return None
-    fence = next(row[HEAD_FENCE] for row in rows if row[0] == chosen.id)
-    params = {**_assignment(claim, chosen.id, read_at), "fence": fence}
-    assigned = await PG_ASSIGN_IF_UNCHANGED.fetch(driver, dialect, params, events)
+    assigned = await PG_ASSIGN_IF_UNCHANGED.fetch(driver, engine.dialect, params,
+                                                  engine.sync_engine)
     if assigned:
         return assigned[0], params["event_created_at"]
     STATS.claims_raced += 1
@@ -142,17 +136,26 @@ async def pg_claim_first(driver: Any, engine: AsyncEngine, claim: Claim) -> Assi
 async def pg_claim_alone(driver: Any, engine: AsyncEngine, claim: Claim) -> Assigned | None:
     """`claim` alone, in the transaction open on asyncpg connection `driver`: the
     heads, `select_job`'s choice, the assignment with its event."""
-    dialect, events = engine.dialect, engine.sync_engine
-    rows = await PG_HEADS_RUN.fetch(driver, dialect, claim.heads, events)
+    params = await _choice(driver, engine, claim, PG_HEADS_RUN)
+    if params is None:
+        return None
+    assigned = await PG_ASSIGN.fetch(driver, engine.dialect, params, engine.sync_engine)
+    return (assigned[0], params["event_created_at"]) if assigned else None
+
+
+async def _choice(driver: Any, engine: AsyncEngine, claim: Claim, heads: PgStatement
+                  ) -> dict[str, Any] | None:
+    """The assignment's parameters of `select_job`'s choice among the heads `heads`
+    reads (with the fence the job was read at), or None when there is none."""
+    rows = await heads.fetch(driver, engine.dialect, claim.heads, engine.sync_engine)
     if not rows:
         return None
     read_at: datetime = rows[0][-1]
     chosen = select_job(candidates(rows), claim.worker, read_at, claim.aging_seconds)
     if chosen is None:
         return None
-    params = _assignment(claim, chosen.id, read_at)
-    assigned = await PG_ASSIGN.fetch(driver, dialect, params, events)
-    return (assigned[0], params["event_created_at"]) if assigned else None
+    fence = next(row[HEAD_FENCE] for row in rows if row[0] == chosen.id)
+    return {**_assignment(claim, chosen.id, read_at), "fence": fence}
 
 
 def _assignment(claim: Claim, job_id: int, read_at: datetime) -> dict[str, Any]:

@@ -39,6 +39,22 @@ DEADLINE = 20.0
 pytestmark = pytest.mark.parametrize("store", ["postgres"])
 
 
+def held_at_first(monkeypatch: pytest.MonkeyPatch, statement: Any
+                  ) -> tuple[asyncio.Event, asyncio.Event]:
+    """The first run of `statement` waits, once `between` is set, until `go` is."""
+    between, go = asyncio.Event(), asyncio.Event()
+    fetch = statement.fetch
+
+    async def held_back(*args: Any, **kw: Any) -> Any:
+        if not between.is_set():
+            between.set()
+            await go.wait()
+        return await fetch(*args, **kw)
+
+    monkeypatch.setattr(statement, "fetch", held_back)
+    return between, go
+
+
 async def test_a_claim_alone_whose_job_is_taken_meanwhile_takes_the_next_one(
     runtime: Runtime, make_runtime: Any, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -49,16 +65,7 @@ async def test_a_claim_alone_whose_job_is_taken_meanwhile_takes_the_next_one(
     not conditional on the job as read, both would hold the first job."""
     other = await make_runtime()
     first, second = await submit(runtime, title="first"), await submit(runtime, title="second")
-    between, go = asyncio.Event(), asyncio.Event()
-    assign = claim_batch.PG_ASSIGN_IF_UNCHANGED.fetch
-
-    async def held_back(*args: Any, **kw: Any) -> Any:
-        if not between.is_set():
-            between.set()
-            await go.wait()
-        return await assign(*args, **kw)
-
-    monkeypatch.setattr(claim_batch.PG_ASSIGN_IF_UNCHANGED, "fetch", held_back)
+    between, go = held_at_first(monkeypatch, claim_batch.PG_ASSIGN_IF_UNCHANGED)
     raced = STATS.claims_raced
     claim_a = asyncio.create_task(claim(runtime))
     async with asyncio.timeout(DEADLINE):
@@ -82,16 +89,7 @@ async def test_a_claim_alone_assigns_only_the_job_as_it_read_it(
     fence in turn."""
     other = await make_runtime()
     job = await submit(runtime)
-    between, go = asyncio.Event(), asyncio.Event()
-    assign = claim_batch.PG_ASSIGN_IF_UNCHANGED.fetch
-
-    async def held_back(*args: Any, **kw: Any) -> Any:
-        if not between.is_set():
-            between.set()
-            await go.wait()
-        return await assign(*args, **kw)
-
-    monkeypatch.setattr(claim_batch.PG_ASSIGN_IF_UNCHANGED, "fetch", held_back)
+    between, go = held_at_first(monkeypatch, claim_batch.PG_ASSIGN_IF_UNCHANGED)
     raced = STATS.claims_raced
     claim_a = asyncio.create_task(claim(runtime))
     async with asyncio.timeout(DEADLINE):
@@ -115,20 +113,12 @@ async def test_the_locking_claim_holds_its_heads_until_its_assignment_commits(
     nothing."""
     other = await make_runtime()
     first, second = await submit(runtime, title="first"), await submit(runtime, title="second")
-    between, go = asyncio.Event(), asyncio.Event()
-    assign = claim_batch.PG_ASSIGN.fetch
 
     async def lost(*args: Any, **kw: Any) -> Any:
         return []
 
-    async def held_back(*args: Any, **kw: Any) -> Any:
-        if not between.is_set():
-            between.set()
-            await go.wait()
-        return await assign(*args, **kw)
-
     monkeypatch.setattr(claim_batch.PG_ASSIGN_IF_UNCHANGED, "fetch", lost)
-    monkeypatch.setattr(claim_batch.PG_ASSIGN, "fetch", held_back)
+    between, go = held_at_first(monkeypatch, claim_batch.PG_ASSIGN)
     claim_a = asyncio.create_task(claim(runtime))
     async with asyncio.timeout(DEADLINE):
         await between.wait()
