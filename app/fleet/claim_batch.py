@@ -202,9 +202,11 @@ async def _run(flight: Flight[Claim], take: Take[Claim]) -> None:
 
 
 async def _alone(engine: AsyncEngine, claim: Claim) -> None:
+    """`claim` as a claim alone (`pg_claim_first`): a run's one claim, or each claim of
+    a batch the server failed."""
     try:
         claim.row = await on_driver(
-            engine, lambda driver: pg_claim_alone(driver, engine, claim), transaction=True)
+            engine, lambda driver: pg_claim_first(driver, engine, claim), transaction=False)
     except Exception as exc:
         claim.error = exc
     claim.ran = True
