@@ -264,6 +264,18 @@ class Database:
             if committed and committed[0] and self.on_commit is not None:
                 await run_to_completion(self.on_commit(committed[0]))
 
+    async def published(self, records: Sequence[EventRecord]) -> None:
+        """Hand the events of a transaction that committed outside any unit of work (a
+        statement run alone on a pooled connection's driver, app.bridge.echo_lean) to
+        `after_commit` and `on_commit`, as `unit_of_work` hands its own; the publishing
+        runs to completion even if the caller is cancelled meanwhile."""
+        try:
+            if self.after_commit is not None:
+                await self.after_commit(records)
+        finally:
+            if records and self.on_commit is not None:
+                await run_to_completion(self.on_commit(records))
+
     @asynccontextmanager
     async def session(
         self, maker: async_sessionmaker[AsyncSession], *, commit: bool,

@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_echo.py            # 300 jobs per store
     .venv/bin/python bench/bench_echo.py --jobs 100
     .venv/bin/python bench/bench_echo.py --cycle 5  # the cycle, echo off / on, 5 rounds
+    .venv/bin/python bench/bench_echo.py --cycle 5 --no-sqlite  # PostgreSQL only
 
 On a fresh SQLite file and (when it answers at FLEET_BENCH_PG) a fresh PostgreSQL
 database, migrated with the real migrations: N items are ingested as jobs and
@@ -148,8 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cycle", type=int, default=0, metavar="ROUNDS",
                         help="measure the cycle with the echo off and on, ROUNDS rounds")
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
+    parser.add_argument("--no-sqlite", action="store_true", help="PostgreSQL only")
     args = parser.parse_args(argv)
-    kinds = ("sqlite",) if args.no_pg else ("sqlite", "postgresql")
+    kinds = tuple(kind for kind, skip in (("sqlite", args.no_sqlite), ("postgresql", args.no_pg))
+                  if not skip)
     with tempfile.TemporaryDirectory(prefix="fleet-bench-echo-") as scratch:
         if args.cycle:
             for kind in kinds:

@@ -114,6 +114,14 @@ _PG_LOCKED_ROW = (
     .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
 )
 _SQLITE_ROW_SQL = _row_sql("?", "?")
+# The unlocked read as a statement of its own, for the driver (app.bridge.echo_lean).
+PG_UNLOCKED_ROW = (
+    text(_row_sql(":product_id", ":job_id"))
+    .bindparams(bindparam("job_id", type_=Integer()))
+    .columns(*(column(name, type_) for name, _, type_ in _ROW_COLUMNS))
+)
+# (name, SQL expression, type) of each column an `EchoRow` holds, in its order.
+ROW_COLUMNS = _ROW_COLUMNS
 _PG_DRIVER_ROW_SQL = _row_sql("$1", "$2")
 
 EchoKey = tuple[str, int]  # (product, job id)

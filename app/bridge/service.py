@@ -14,7 +14,8 @@ same moment share one unit of work (`app.bridge.group_commit`): each caller stil
 awaits its own echo's commit, and when that unit of work fails, nothing of it is
 written and each of its jobs is echoed on its own, exactly as it would have been
 alone.  PostgreSQL runs concurrent units of work side by side: there each commit's
-echo keeps a unit of work of its own.
+echo keeps a transaction of its own; with the bridge's own writer, a commit's one job of
+a product is one guarded statement (`app.bridge.echo_lean`), locked only if it refused.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from datetime import timedelta
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from app.bridge import echo_lean, steering
 from app.bridge import repository as bridge_repository
-from app.bridge import steering
 from app.bridge.echo_apply import EchoTarget as EchoTarget
 from app.bridge.echo_apply import ItemEchoWriter as ItemEchoWriter
 from app.bridge.echo_apply import Probe, apply_echoes, echo_error
@@ -162,8 +163,12 @@ class BridgeService:
             await group.submit([(product, list(jobs)) for product, jobs in by_product.items()])
             return
         echoes: Echoes = []
+        lean = self.db.dialect == "postgresql" and self.echo_writer is write_status_and_comment
         for product_id, jobs in by_product.items():
             job_ids = list(jobs)
+            if lean and len(job_ids) == 1:
+                await self._echo_lean(product_id, job_ids[0])
+                continue
             probe = [job_id for job_id, same in jobs.items() if same]
             if probe:
                 done = await self._nothing_to_write(product_id, probe)
@@ -219,6 +224,17 @@ class BridgeService:
             raise
         except Exception as exc:
             return await self._failed(product_id, job_id, attempted, exc)
+
+    async def _echo_lean(self, product_id: str, job_id: int) -> None:
+        """PostgreSQL: one job's echo by a guarded statement (`echo_lean.echo_alone`);
+        under lock (`_echo_one`) when its guard refused; a failure as `_echo_one`'s."""
+        try:
+            if await echo_lean.echo_alone(self.db, product_id, job_id):
+                return
+        except Exception as exc:
+            await self._failed(product_id, job_id, None, exc)
+            return
+        await self._echo_each([(product_id, job_id)])
 
     async def _failed(
         self, product_id: str, job_id: int, attempted: JobStage | None, exc: Exception

@@ -1,0 +1,247 @@
+"""PostgreSQL: a commit's one job is echoed by one guarded statement on the driver
+(app.bridge.echo_lean), with no transaction of its own besides that statement's.
+
+Pinned here: the statements the echo sends (the read without locks, then the guarded
+write, nothing else); the guard locking the item before the job; a person's status
+change between the read and the write refusing the write, after which the locked
+echo lets the person's status win, exactly as before; the echo's events gap-free,
+stored as handed to the hub, and handed over once; a write that fails leaving
+nothing behind (not even a sequence number) and being caught up by the sweeper.
+
+Nothing is mocked: concurrent changes come from a connection of the test's own,
+held in a transaction, and the one fault is a trigger in the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import event, select, update
+
+from app.bridge import echo_lean
+from app.db import utcnow
+from app.events.models import Event, EventType
+from app.events.outbox import EventRecord
+from app.fleet.models import Job, JobStage
+from app.main import Runtime
+from app.tracker.models import ItemStatus
+from tests.conftest import PG_DSN
+from tests.service.test_echo import (
+    DEADLINE,
+    PRODUCT,
+    claim,
+    create,
+    echo_record,
+    ingest,
+    load_job,
+    move,
+    notes,
+    start,
+    status_of,
+)
+
+__all__ = ["start"]  # the fixture, shared with tests/service/test_echo.py
+pytestmark = pytest.mark.parametrize("store", ["postgres"])
+LOCK_WAITS = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+              " AND datname = $1")
+
+
+@contextmanager
+def statements(rt: Runtime) -> Iterator[list[str]]:
+    """The SQL statements the runtime's engine sends meanwhile."""
+    sent: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        sent.append(" ".join(statement.split()))
+
+    engine = rt.services.db.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def handed_over(rt: Runtime) -> list[list[EventRecord]]:
+    """Every list of events handed to the commit hook from now on (the hub's
+    publishing and the echo), one list per call."""
+    calls: list[list[EventRecord]] = []
+    hook = rt.services.db.on_commit
+    assert hook is not None
+
+    async def seen(records: Sequence[EventRecord]) -> None:
+        calls.append(list(records))
+        await hook(records)
+
+    rt.services.db.on_commit = seen
+    return calls
+
+
+async def stored_events(rt: Runtime, after: int) -> list[tuple[Any, ...]]:
+    async with rt.services.db.read() as session:
+        rows = (await session.execute(
+            select(Event).where(Event.product_id == PRODUCT, Event.seq > after)
+            .order_by(Event.seq))).scalars().all()
+    return [(e.seq, e.type, e.entity_id, e.from_state, e.to_state, e.payload) for e in rows]
+
+
+async def last_seq(connection: asyncpg.Connection) -> int:
+    seq: int = await connection.fetchval(
+        "SELECT last_event_seq FROM products WHERE id = $1", PRODUCT)
+    return seq
+
+
+async def wait_for_a_lock_wait(probe: asyncpg.Connection, database: str) -> None:
+    deadline = asyncio.get_running_loop().time() + DEADLINE
+    while await probe.fetchval(LOCK_WAITS, database) == 0:
+        assert asyncio.get_running_loop().time() < deadline, "nothing ever waited"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def side(start: Any) -> Any:
+    """The runtime (echo on) and two connections of the test's own to its database."""
+    rt: Runtime = await start(tracker_echo=True)
+    database = rt.services.db.engine.url.database
+    assert database is not None
+    holder = await asyncpg.connect(f"{PG_DSN}/{database}")
+    probe = await asyncpg.connect(f"{PG_DSN}/{database}")
+    try:
+        yield rt, holder, probe, database
+    finally:
+        await holder.close()
+        await probe.close()
+
+
+async def test_the_end_is_echoed_by_one_read_and_one_guarded_write(side: Any) -> None:
+    rt, _, probe, _ = side
+    item = await create(rt)
+    job = await ingest(rt, item.id)
+    held = await claim(rt)
+    before = await last_seq(probe)
+    calls = handed_over(rt)
+    written = echo_lean.STATS.written
+
+    with statements(rt) as sent:
+        await move(rt, held, JobStage.SHIPPED)
+
+    echo = sent[1:]  # after the transition's own statement
+    assert len(echo) == 2, sent
+    assert echo[0].startswith("SELECT") and "FOR UPDATE" not in echo[0]
+    assert echo[1].startswith("WITH guard AS (SELECT") and "FOR UPDATE OF items, jobs" in echo[1]
+    assert echo_lean.STATS.written == written + 1
+    assert await status_of(rt, item.id) == ItemStatus.DONE
+    assert [n.body.count("is SHIPPED; item set to DONE") for n in await notes(rt, item.id)] == [
+        0, 1]
+    assert (await echo_record(rt, job.id)) == (JobStage.SHIPPED, ItemStatus.DONE, 0, None, None)
+    # the transition's commit, then the echo's: each handed over once, as stored, gap-free
+    handed = [r for call in calls for r in call]
+    assert [[r.type for r in call] for call in calls] == [
+        [EventType.JOB_STAGE_CHANGED],
+        [EventType.ITEM_STATUS_CHANGED, EventType.COMMENT_ADDED]]
+    assert [(r.seq, r.type, r.entity_id, r.from_state, r.to_state, r.payload)
+            for r in handed] == await stored_events(rt, before)
+    assert [r.seq for r in handed] == [before + 1, before + 2, before + 3]
+    assert await last_seq(probe) == before + 3
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_the_guard_locks_the_item_before_the_job(side: Any) -> None:
+    rt, holder, probe, database = side
+    item = await create(rt)
+    await ingest(rt, item.id)
+    held = await claim(rt)
+    hook, rt.services.db.on_commit = rt.services.db.on_commit, None
+    await move(rt, held, JobStage.SHIPPED)  # not echoed: that is left to the test
+    rt.services.db.on_commit = hook
+    transaction = holder.transaction()
+    await transaction.start()
+    await holder.execute("SELECT 1 FROM jobs WHERE id = $1 FOR UPDATE", held.id)
+    echo = asyncio.create_task(echo_lean.echo_alone(rt.services.db, PRODUCT, held.id))
+    await wait_for_a_lock_wait(probe, database)  # the guard waits for the job ...
+    with pytest.raises(asyncpg.LockNotAvailableError):  # ... holding its item
+        await probe.execute("SELECT 1 FROM items WHERE id = $1 FOR UPDATE NOWAIT", item.id)
+    await transaction.rollback()
+    assert await asyncio.wait_for(echo, DEADLINE) is True
+    assert await status_of(rt, item.id) == ItemStatus.DONE
+
+
+async def test_a_persons_status_set_between_read_and_write_wins(side: Any) -> None:
+    """The read sees the item IN_PROGRESS (the bridge's); before the write takes its
+    locks a person sets BLOCKED.  The guard refuses, nothing of the write is kept,
+    and the echo under lock comments and leaves the person's status alone."""
+    rt, holder, probe, database = side
+    item = await create(rt)
+    job = await ingest(rt, item.id)
+    held = await claim(rt)
+    before = await last_seq(probe)
+    refused = echo_lean.STATS.refused
+    calls = handed_over(rt)
+    transaction = holder.transaction()
+    await transaction.start()
+    await holder.execute("SELECT 1 FROM items WHERE id = $1 FOR UPDATE", item.id)
+
+    shipping = asyncio.create_task(move(rt, held, JobStage.SHIPPED))
+    await wait_for_a_lock_wait(probe, database)  # the guarded write waits for the item
+    await holder.execute("UPDATE items SET status = 'BLOCKED' WHERE id = $1", item.id)
+    await transaction.commit()
+    await asyncio.wait_for(shipping, DEADLINE)
+
+    assert echo_lean.STATS.refused == refused + 1
+    assert await status_of(rt, item.id) == ItemStatus.BLOCKED  # the person's status wins
+    final = [n.body for n in await notes(rt, item.id) if "is SHIPPED" in n.body]
+    assert len(final) == 1 and "the item's status is left as is" in final[0]
+    assert (await echo_record(rt, job.id))[:2] == (JobStage.SHIPPED, ItemStatus.DONE)
+    # one comment event, right after the transition's: the refused write took no number
+    assert [[r.type for r in call] for call in calls] == [
+        [EventType.JOB_STAGE_CHANGED], [EventType.COMMENT_ADDED]]
+    assert [r.seq for call in calls for r in call] == [before + 1, before + 2]
+    assert await last_seq(probe) == before + 2
+    assert [e[0] for e in await stored_events(rt, before)] == [before + 1, before + 2]
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_a_failed_write_leaves_nothing_and_the_sweeper_catches_up(side: Any) -> None:
+    rt, holder, probe, _ = side
+    item = await create(rt)
+    job = await ingest(rt, item.id)
+    held = await claim(rt)
+    await holder.execute("""
+        CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
+        $$ BEGIN RAISE EXCEPTION 'the tracker refuses comments'; END $$;
+        CREATE TRIGGER refuse BEFORE INSERT ON comments FOR EACH ROW EXECUTE FUNCTION refuse();
+    """)
+    before = await last_seq(probe)
+    calls = handed_over(rt)
+    failures = [0]
+    rt.services.bridge.on_echo_failure = lambda: failures.__setitem__(0, failures[0] + 1)
+
+    shipped = await move(rt, held, JobStage.SHIPPED)  # the transition stands
+
+    assert (shipped.stage, (await load_job(rt, job.id)).stage) == (JobStage.SHIPPED,) * 2
+    assert failures == [1]
+    assert await status_of(rt, item.id) == ItemStatus.IN_PROGRESS  # nothing half-written
+    assert ["is SHIPPED" in n.body for n in await notes(rt, item.id)] == [False]
+    record = await echo_record(rt, job.id)
+    assert record[:3] == (JobStage.QUEUED, ItemStatus.IN_PROGRESS, 1)  # ASSIGNED was covered
+    assert (record[3] is not None, record[4]) == (True, JobStage.SHIPPED)
+    assert [[r.type for r in call] for call in calls] == [[EventType.JOB_STAGE_CHANGED]]
+    assert await last_seq(probe) == before + 1  # no number taken for the failed write
+
+    await holder.execute("DROP TRIGGER refuse ON comments")
+    async with rt.services.db.unit_of_work() as session:
+        await session.execute(update(Job).where(Job.id == job.id).values(
+            echo_retry_at=utcnow() - timedelta(seconds=1)))
+    assert await rt.loops.sweep_echoes_once() == 1
+    assert await status_of(rt, item.id) == ItemStatus.DONE
+    assert [n.body.count("is SHIPPED") for n in await notes(rt, item.id)] == [0, 1]
+    assert await echo_record(rt, job.id) == (JobStage.SHIPPED, ItemStatus.DONE, 0, None, None)
+    assert [e[0] for e in await stored_events(rt, before)] == [
+        before + 1, before + 2, before + 3]
+    assert await rt.loops.sweep_echoes_once() == 0
