@@ -54,6 +54,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Integer, String, bindparam, column, text
 from sqlalchemy.sql.elements import BindParameter
 
+from app.bridge import echo_groups
 from app.bridge.echo_apply import SYSTEM_AUTHOR, ItemSeen, decide, figures
 from app.bridge.echo_rows import PG_UNLOCKED_ROW, ROW_COLUMNS, EchoRow
 from app.bridge.mapping import echo_comment, item_status_for_stage
@@ -87,6 +88,9 @@ _GUARD_SQL = (
     + "".join(f" AND ({sql}) IS NOT DISTINCT FROM :seen_{name}" for name, sql, _ in _CHECKED)
     + " FOR UPDATE OF items, jobs"
 )
+# The batch variant (app.bridge.echo_groups) never waits for a lock: a member whose item
+# or job someone holds matches nothing there, and runs again alone.
+_GROUPED_GUARD_SQL = _GUARD_SQL + " SKIP LOCKED"
 _GUARDED = "EXISTS (SELECT FROM guard)"
 _RECORD_SQL = (
     "UPDATE jobs SET echoed_stage = :echoed_stage, last_echoed_status = :echoed_status,"
@@ -109,10 +113,12 @@ _COMMENT_SQL = (
 _EVENT_COLUMNS = "product_id, seq, type, entity_id, from_state, to_state, payload, created_at"
 
 
-def _sql(*, comment: bool, status: bool, take_back: bool) -> str:
+def _sql(*, comment: bool, status: bool, take_back: bool, grouped: bool = False) -> str:
     """The guarded write: the job's record always; the item's status (with the
-    comment) or the bridge's take-back of a status; the comment with its events."""
-    ctes = [f"guard AS ({_GUARD_SQL})", f"job_row AS ({_RECORD_SQL})"]
+    comment) or the bridge's take-back of a status; the comment with its events.
+    `grouped`: the batch variant, whose guard skips locked rows."""
+    guard = _GROUPED_GUARD_SQL if grouped else _GUARD_SQL
+    ctes = [f"guard AS ({guard})", f"job_row AS ({_RECORD_SQL})"]
     if status:
         ctes.append(f"item_row AS ({_SET_STATUS_SQL})")
     elif take_back:
@@ -149,7 +155,8 @@ SELECT job_row.id, event_row.seq, event_row.entity_id,
 FROM job_row CROSS JOIN event_row ORDER BY event_row.seq"""
 
 
-def _statement(*, comment: bool, status: bool, take_back: bool) -> PgStatement:
+def _statement(*, comment: bool, status: bool, take_back: bool,
+               grouped: bool = False) -> PgStatement:
     binds: list[BindParameter[Any]] = [
         bindparam("job_id", type_=Integer()), bindparam("item_id", type_=Integer()),
         bindparam("now", type_=UTCDateTime()), bindparam("event_created_at", type_=UTCDateTime()),
@@ -158,7 +165,7 @@ def _statement(*, comment: bool, status: bool, take_back: bool) -> PgStatement:
         bindparam("status", type_=String()), bindparam("bridge_status", type_=String()),
         *(bindparam(f"seen_{name}", type_=type_) for name, _, type_ in _CHECKED),
     ]
-    sql = _sql(comment=comment, status=status, take_back=take_back)
+    sql = _sql(comment=comment, status=status, take_back=take_back, grouped=grouped)
     used = [bind for bind in binds if re.search(rf":{bind.key}\b", sql)]
     return PgStatement.of(
         text(sql).bindparams(*used).columns(
@@ -168,7 +175,8 @@ def _statement(*, comment: bool, status: bool, take_back: bool) -> PgStatement:
 
 # (comment, status, take_back) → statement; a status is only ever set with a comment,
 # and a take-back never comes with a status (`echo_apply.apply_echoes`).
-_WRITES = {key: _statement(comment=key[0], status=key[1], take_back=key[2])
+_WRITES = {key: tuple(_statement(comment=key[0], status=key[1], take_back=key[2],
+                                  grouped=grouped) for grouped in (False, True))
            for key in ((True, True, False), (True, False, False), (True, False, True),
                        (False, False, False), (False, False, True))}
 
@@ -178,6 +186,7 @@ class Write:
     """The guarded write one echo decided on, and what its events will say."""
 
     statement: PgStatement
+    grouped: PgStatement  # its batch variant
     params: dict[str, Any]
     status: ItemStatus | None  # the status set on the item (None: left as is)
     previous: ItemStatus
@@ -211,7 +220,8 @@ def plan_write(row: EchoRow) -> Write | None:
     if plan.set_status is not None:
         params.update(status=plan.set_status.value, previous=row.item_status.value)
     key = (plan.comment, plan.set_status is not None, take_back)
-    return Write(_WRITES[key], params, plan.set_status, row.item_status)
+    statement, grouped = _WRITES[key]
+    return Write(statement, grouped, params, plan.set_status, row.item_status)
 
 
 def _value(status: ItemStatus | None) -> str | None:
@@ -253,26 +263,23 @@ async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
 
 async def _echo_alone(db: Database, product_id: str, job_id: int) -> bool:
     engine = db.engine
-    dialect, events = engine.dialect, engine.sync_engine
 
-    async def work(driver: Any) -> tuple[Write, list[tuple[Any, ...]]] | None:
-        found = await _READ.fetch(driver, dialect, {"product_id": product_id, "job_id": job_id},
-                                  events)
+    async def read(driver: Any) -> list[tuple[Any, ...]]:
+        return await _READ.fetch(driver, engine.dialect,
+                                 {"product_id": product_id, "job_id": job_id},
+                                 engine.sync_engine)
+
+    try:
+        found = await on_driver(engine, read, transaction=False)
         write = plan_write(EchoRow(*found[0])) if found else None
         if write is None:
             STATS.nothing += 1
-            return None
-        return write, await write.statement.fetch(driver, dialect, write.params, events)
-
-    try:
-        done = await on_driver(engine, work, transaction=False)
+            return True
+        rows = await echo_groups.write(engine, write)
     except Exception as exc:
         if is_store_failure(exc):
             raise store_unavailable(exc) from exc
         raise
-    if done is None:
-        return True
-    write, rows = done
     if not rows:
         STATS.refused += 1
         return False

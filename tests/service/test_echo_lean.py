@@ -24,10 +24,11 @@ import asyncpg
 import pytest
 from sqlalchemy import event, select, update
 
-from app.bridge import echo_lean
+from app.bridge import echo_groups, echo_lean
 from app.db import utcnow
 from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
+from app.fleet import change_groups
 from app.fleet.models import Job, JobStage
 from app.main import Runtime
 from app.tracker.models import ItemStatus
@@ -133,8 +134,10 @@ async def test_the_end_is_echoed_by_one_read_and_one_guarded_write(side: Any) ->
 
     echo = sent[1:]  # after the transition's own statement
     assert len(echo) == 2, sent
-    assert echo[0].startswith("SELECT") and "FOR UPDATE" not in echo[0]
-    assert echo[1].startswith("WITH guard AS (SELECT") and "FOR UPDATE OF items, jobs" in echo[1]
+    assert echo[0].startswith("SELECT")
+    assert "FOR UPDATE" not in echo[0]
+    assert echo[1].startswith("WITH guard AS (SELECT")
+    assert "FOR UPDATE OF items, jobs" in echo[1]
     assert echo_lean.STATS.written == written + 1
     assert await status_of(rt, item.id) == ItemStatus.DONE
     assert [n.body.count("is SHIPPED; item set to DONE") for n in await notes(rt, item.id)] == [
@@ -196,7 +199,8 @@ async def test_a_persons_status_set_between_read_and_write_wins(side: Any) -> No
     assert echo_lean.STATS.refused == refused + 1
     assert await status_of(rt, item.id) == ItemStatus.BLOCKED  # the person's status wins
     final = [n.body for n in await notes(rt, item.id) if "is SHIPPED" in n.body]
-    assert len(final) == 1 and "the item's status is left as is" in final[0]
+    assert len(final) == 1
+    assert "the item's status is left as is" in final[0]
     assert (await echo_record(rt, job.id))[:2] == (JobStage.SHIPPED, ItemStatus.DONE)
     # one comment event, right after the transition's: the refused write took no number
     assert [[r.type for r in call] for call in calls] == [
@@ -244,4 +248,62 @@ async def test_a_failed_write_leaves_nothing_and_the_sweeper_catches_up(side: An
     assert await echo_record(rt, job.id) == (JobStage.SHIPPED, ItemStatus.DONE, 0, None, None)
     assert [e[0] for e in await stored_events(rt, before)] == [
         before + 1, before + 2, before + 3]
+    assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_concurrent_end_echoes_of_a_product_commit_in_one_batch(side: Any) -> None:
+    """While one echo write of the product runs (held here at the product row), the
+    next ones queue and then commit together in one transaction; a member whose item
+    someone holds is skipped by the batch and runs alone once the item is free.
+    Every echo's events are consecutive, gap-free and handed over once."""
+    rt, holder, probe, database = side
+    items = [await create(rt, f"item {n}") for n in range(4)]
+    for item in items:
+        await ingest(rt, item.id)
+    held = [await claim(rt) for _ in items]
+    hook, rt.services.db.on_commit = rt.services.db.on_commit, None
+    for job in held:
+        await move(rt, job, JobStage.SHIPPED)  # not echoed: that is left to the test
+    rt.services.db.on_commit = hook
+    before = await last_seq(probe)
+    calls = handed_over(rt)
+    stats = echo_groups.STATS
+    batches, batched, again = stats.batches, stats.batched, stats.again
+    other = await asyncpg.connect(f"{PG_DSN}/{database}")
+    try:
+        product, item = holder.transaction(), other.transaction()
+        await product.start()
+        await holder.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", PRODUCT)
+        first = asyncio.create_task(echo_lean.echo_alone(rt.services.db, PRODUCT, held[0].id))
+        await wait_for_a_lock_wait(probe, database)  # the first write waits, alone
+        await item.start()  # someone holds the last job's item
+        await other.execute("SELECT 1 FROM items WHERE id = $1 FOR UPDATE", items[3].id)
+        rest = [asyncio.create_task(echo_lean.echo_alone(rt.services.db, PRODUCT, job.id))
+                for job in held[1:]]
+        deadline = asyncio.get_running_loop().time() + DEADLINE
+        while change_groups.queued(PRODUCT) < 3:
+            assert asyncio.get_running_loop().time() < deadline, "the writes never queued"
+            await asyncio.sleep(0.01)
+        await product.rollback()
+        assert await asyncio.wait_for(first, DEADLINE) is True
+        await wait_for_a_lock_wait(probe, database)  # the skipped one, alone, waits
+        await item.rollback()
+        assert await asyncio.wait_for(asyncio.gather(*rest), DEADLINE) == [True] * 3
+    finally:
+        await other.close()
+
+    assert (stats.batches, stats.batched, stats.again) == (batches + 1, batched + 3, again + 1)
+    assert [await status_of(rt, item.id) for item in items] == [ItemStatus.DONE] * 4
+    # each caller hands over its own echo's events once its write committed (batch
+    # members in the order they queued): together exactly what the log holds
+    handed = sorted((r for call in calls for r in call), key=lambda r: r.seq)
+    assert [(r.seq, r.type, r.entity_id, r.from_state, r.to_state, r.payload)
+            for r in handed] == await stored_events(rt, before)
+    assert [r.seq for r in handed] == list(range(before + 1, before + 9))
+    assert [[r.type for r in call] for call in calls] == [
+        [EventType.ITEM_STATUS_CHANGED, EventType.COMMENT_ADDED]] * 4
+    seqs = {call[0].entity_id: [r.seq for r in call] for call in calls}
+    assert all(second == first + 1 for first, second in seqs.values())  # consecutive
+    assert (seqs[items[0].id][0], seqs[items[3].id][0]) == (before + 1, before + 7)
+    assert await last_seq(probe) == before + 8
     assert await rt.loops.sweep_echoes_once() == 0

@@ -1,0 +1,154 @@
+"""Group commit of a product's concurrent echo writes on PostgreSQL (issue 12).
+
+An echo that writes onto its item (`app.bridge.echo_lean`) bumps its product's event
+sequence, and that row stays locked until the statement has committed and its WAL is
+flushed: one commit per echo, during which every claim and transition of the product
+waits.  The guarded writes go through a `GroupCommit` per product and statement in
+this process, exactly as the product's job changes do (`app.fleet.change_groups`,
+whose `in_flight` and `Flight` this module uses):
+
+* nothing of that kind in flight: the write runs at once, alone, its own implicit
+  transaction, one round trip, as without this module;
+* else it queues, and once the write in flight is done, the writes that queued
+  meanwhile run as ONE implicit transaction in ONE round trip (asyncpg's
+  `fetchmany`: a Bind and an Execute each, one Sync), with the statement's batch
+  variant, whose guard takes its locks `SKIP LOCKED`: an execution after the first
+  holds the product row, and must never wait for an item or a job someone else holds
+  (that one may wait for the product row).  A member whose guard matched nothing —
+  its rows locked, or what its decision rests on changed — returned no row and runs
+  again alone, with the plain statement, which waits for the locks and gives the
+  member its answer (no row: refused, the echo then goes under lock).
+
+Rows carry the job id, so each member gets its own (one or two: the events'); two
+writes of the same job never share a batch.  Failures as in `change_groups`: an
+error the server reports means nothing of the batch committed, and each member runs
+alone; a connection lost meanwhile may have committed it, and each member fails
+with that error (the echo's retry writes nothing twice: `decide_echo`).
+
+Sequences (DESIGN §5): the first execution's bump locks the product row to the end
+of the batch's one transaction, so the batch's events take consecutive numbers and
+commit at once, in statement order, with their NOTIFYs (the argument of `app.lone`
+for a transaction of N statements).  Each caller hands its own events to the hub
+once the batch has committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.bridge.group_commit import Take
+from app.fleet.change_groups import Flight, Request, in_flight
+from app.lone import LOST, LoneUnit, on_driver
+
+if TYPE_CHECKING:
+    from app.bridge.echo_lean import Write
+
+logger = logging.getLogger(__name__)
+Rows = list[tuple[Any, ...]]
+
+
+@dataclass
+class _EchoWrite(Request):
+    write: Write
+    job_id: int
+
+
+@dataclass
+class Stats:
+    """Process-wide counters (tests, diagnostics)."""
+
+    batches: int = 0  # fetch_many round trips that committed
+    batched: int = 0  # writes those carried
+    failed: int = 0  # batches that raised and were run again alone
+    again: int = 0  # members that returned no row and ran again alone
+
+
+STATS = Stats()
+
+
+async def write(engine: AsyncEngine, planned: Write) -> Rows:
+    """The rows of guarded write `planned` (empty: its guard matched nothing, and
+    nothing was written), committed alone or in a batch with its product's
+    concurrent writes of the same statement (see the module docstring).  Store
+    errors leave as the driver's."""
+    request = _EchoWrite(write=planned, job_id=planned.params["job_id"])
+    key = (engine, planned.params["product_id"], planned.statement, "echo")
+    rows: Rows | None = await in_flight(
+        LoneUnit(engine), key, request, run=_run,
+        alone=lambda driver: _fetch(driver, engine, planned), transaction=False,
+        then=lambda rows: rows)
+    return rows or []
+
+
+async def _fetch(driver: Any, engine: AsyncEngine, planned: Write) -> Rows:
+    return await planned.statement.fetch(driver, engine.dialect, planned.params,
+                                         engine.sync_engine)
+
+
+async def _run(flight: Flight[_EchoWrite], take: Take[_EchoWrite]) -> None:
+    """A run of the group, once the write running alone is done: the writes pending
+    then, alone or as one batch; a second write of a job already in the batch runs
+    alone after it."""
+    await flight.after_alone()
+    batch: list[_EchoWrite] = []
+    later: list[_EchoWrite] = []
+    jobs: set[int] = set()
+    for request in take():
+        (later if request.job_id in jobs else batch).append(request)
+        jobs.add(request.job_id)
+    if len(batch) == 1:
+        await _alone(flight.engine, batch[0])
+    else:
+        await _together(flight.engine, batch)
+    for request in later:
+        await _alone(flight.engine, request)
+
+
+async def _alone(engine: AsyncEngine, request: _EchoWrite) -> None:
+    try:
+        request.row = await on_driver(
+            engine, lambda driver: _fetch(driver, engine, request.write), transaction=False)
+    except Exception as exc:
+        request.error = exc
+    request.ran = True
+
+
+async def _together(engine: AsyncEngine, batch: list[_EchoWrite]) -> None:
+    grouped = batch[0].write.grouped
+
+    async def work(driver: Any) -> Rows:
+        return await grouped.fetch_many(driver, engine.dialect,
+                                        [request.write.params for request in batch],
+                                        engine.sync_engine)
+
+    try:
+        rows = await on_driver(engine, work, transaction=False) or []
+    except LOST as exc:  # may have committed: nothing runs again
+        for request in batch:
+            request.error, request.ran = exc, True
+        return
+    except Exception:  # reported by the server: nothing committed
+        logger.debug("a batch of %d echo writes failed; each runs alone", len(batch),
+                     exc_info=True)
+        STATS.failed += 1
+        await asyncio.gather(*(_alone(engine, request) for request in batch))
+        return
+    STATS.batches += 1
+    STATS.batched += len(batch)
+    by_job: dict[int, Rows] = {}
+    for row in rows:
+        by_job.setdefault(row[0], []).append(row)
+    again = []
+    for request in batch:
+        found = by_job.get(request.job_id)
+        if found is None:  # its rows were locked, or its guard refused: alone, as ever
+            again.append(request)
+        else:
+            request.row, request.ran = found, True
+    STATS.again += len(again)
+    await asyncio.gather(*(_alone(engine, request) for request in again))
