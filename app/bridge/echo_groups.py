@@ -1,4 +1,5 @@
-"""Group commit of a product's concurrent echo writes on PostgreSQL (issue 12).
+"""Group commit of a product's concurrent echo writes on PostgreSQL, and the echo's
+unlocked reads pending at the same moment in one round trip (issue 12).
 
 An echo that writes onto its item (`app.bridge.echo_lean`) bumps its product's event
 sequence, and that row stays locked until the statement has committed and its WAL is
@@ -30,6 +31,12 @@ of the batch's one transaction, so the batch's events take consecutive numbers a
 commit at once, in statement order, with their NOTIFYs (the argument of `app.lone`
 for a transaction of N statements).  Each caller hands its own events to the hub
 once the batch has committed.
+
+Reads (`read`).  Each round trip costs the process about as much CPU as the echo's
+own work, and the echoes of concurrent commits (a claim batch's, say) read at the
+same moment: while one read is in flight, the next ones queue and then run in one
+round trip (`fetch_many`), each still its own statement and snapshot; they lock
+nothing, so a batch of them waits for nobody and holds nothing.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.bridge.group_commit import Take
 from app.fleet.change_groups import Flight, Request, in_flight
+from app.fleet.statements import PgStatement
 from app.lone import LOST, LoneUnit, on_driver
 
 if TYPE_CHECKING:
@@ -59,6 +67,12 @@ class _EchoWrite(Request):
 
 
 @dataclass
+class _EchoRead(Request):
+    statement: PgStatement
+    params: dict[str, Any]
+
+
+@dataclass
 class Stats:
     """Process-wide counters (tests, diagnostics)."""
 
@@ -66,6 +80,8 @@ class Stats:
     batched: int = 0  # writes those carried
     failed: int = 0  # batches that raised and were run again alone
     again: int = 0  # members that returned no row and ran again alone
+    read_batches: int = 0  # unlocked reads served several at once
+    reads_batched: int = 0  # reads those carried
 
 
 STATS = Stats()
@@ -152,3 +168,54 @@ async def _together(engine: AsyncEngine, batch: list[_EchoWrite]) -> None:
             request.row, request.ran = found, True
     STATS.again += len(again)
     await asyncio.gather(*(_alone(engine, request) for request in again))
+
+
+# -- the unlocked reads ------------------------------------------------------------
+
+
+async def read(engine: AsyncEngine, statement: PgStatement, product_id: str,
+               job_id: int) -> Rows:
+    """The rows of the echo's read without locks (`statement`: product id and job id
+    its first two columns, as `params` its only parameters), for job `job_id`:
+    alone when no read is in flight in this process, else with the reads that queued
+    meanwhile, in ONE round trip (`fetch_many`; several statements that lock
+    nothing, in one implicit transaction).  Each read still sees only committed
+    data, as of its own statement; nothing is written, so a batch holds no lock.
+    Store errors leave as the driver's (a batch that fails fails each of its reads:
+    they decide nothing, and the echo is handled as failed)."""
+    params = {"product_id": product_id, "job_id": job_id}
+    request = _EchoRead(statement=statement, params=params)
+    rows: Rows | None = await in_flight(
+        LoneUnit(engine), (engine, "", statement, "echo-read"), request, run=_run_reads,
+        alone=lambda driver: statement.fetch(driver, engine.dialect, params,
+                                             engine.sync_engine),
+        transaction=False, then=lambda rows: rows)
+    return rows or []
+
+
+async def _run_reads(flight: Flight[_EchoRead], take: Take[_EchoRead]) -> None:
+    await flight.after_alone()
+    reads = take()
+    engine = flight.engine
+    statement = reads[0].statement
+
+    async def work(driver: Any) -> Rows:
+        if len(reads) == 1:
+            return await statement.fetch(driver, engine.dialect, reads[0].params,
+                                         engine.sync_engine)
+        return await statement.fetch_many(driver, engine.dialect,
+                                          [one.params for one in reads], engine.sync_engine)
+
+    try:
+        rows = await on_driver(engine, work, transaction=False) or []
+    except Exception as exc:
+        for one in reads:
+            one.error, one.ran = exc, True
+        return
+    if len(reads) > 1:
+        STATS.read_batches += 1
+        STATS.reads_batched += len(reads)
+    found = {(row[0], row[1]): row for row in rows}
+    for one in reads:
+        row = found.get((one.params["product_id"], one.params["job_id"]))
+        one.row, one.ran = ([] if row is None else [row]), True

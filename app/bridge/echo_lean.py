@@ -9,7 +9,9 @@ the product's claims and transitions wait for it.  Here, for the usual case — 
 job of a product in a commit, echoed by the bridge's own writer — the echo is:
 
 1. the echo's read without locks (`echo_rows.PG_UNLOCKED_ROW`), on the driver of a
-   pooled connection, outside any transaction;
+   pooled connection, outside any transaction — with the reads of the process's
+   other echoes pending at the same moment in one round trip
+   (`app.bridge.echo_groups.read`);
 2. the decision in Python, by the same rules (`echo_apply.decide`): nothing to
    write ends the echo there (as the probe of a same-status move always did);
 3. ONE statement, its own implicit transaction (`app.lone.on_driver`): its first CTE, `guard`,
@@ -35,8 +37,9 @@ not for client round trips.  Sequences stay gap-free and in commit order (the
 argument of `app.lone` for an implicit transaction); the events are handed to the
 hub only after the commit (`Database.published`, as a unit of work hands them over).
 
-No SQLAlchemy session: the read and the write run on the driver of one pooled
-connection (`app.lone.on_driver`, which replaces a connection found dead once).
+No SQLAlchemy session: the read and the write run on the driver of pooled
+connections (`app.lone.on_driver`, which replaces a connection found dead once); the
+writes of a product's concurrent echoes commit together (`app.bridge.echo_groups`).
 Store failures leave as `StoreUnavailableError`, other errors as the driver's; the
 statement is one transaction, so an error the server reports means nothing of it
 was written.  A connection lost while it ran may have
@@ -62,7 +65,6 @@ from app.db import JsonDocument, UTCDateTime, utcnow
 from app.events.models import EventType
 from app.events.outbox import EVENT_CHANNEL, EventRecord
 from app.fleet.statements import PgStatement
-from app.lone import on_driver
 from app.tasks import run_to_completion
 from app.tracker.models import CommentKind, ItemStatus
 from app.uow import Database, is_store_failure, store_unavailable
@@ -251,8 +253,8 @@ def _events(write: Write, rows: Sequence[Sequence[Any]]) -> list[EventRecord]:
 
 async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
     """Echo job `job_id` of `product_id` at its current stage (see the module
-    docstring) on one pooled connection's driver, with no session: the read, and
-    when there is something to write the guarded write; once that has committed, its
+    docstring) on pooled connections' drivers, with no session: the read, and when
+    there is something to write the guarded write; once that has committed, its
     events handed to the hub (`Database.published`), all of it to completion even
     if the caller is cancelled meanwhile.  True when the echo is done (written, or
     nothing to write — also for a job with no item); False when the guard matched
@@ -264,13 +266,8 @@ async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
 async def _echo_alone(db: Database, product_id: str, job_id: int) -> bool:
     engine = db.engine
 
-    async def read(driver: Any) -> list[tuple[Any, ...]]:
-        return await _READ.fetch(driver, engine.dialect,
-                                 {"product_id": product_id, "job_id": job_id},
-                                 engine.sync_engine)
-
     try:
-        found = await on_driver(engine, read, transaction=False)
+        found = await echo_groups.read(engine, _READ, product_id, job_id)
         write = plan_write(EchoRow(*found[0])) if found else None
         if write is None:
             STATS.nothing += 1

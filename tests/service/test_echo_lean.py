@@ -25,11 +25,14 @@ import pytest
 from sqlalchemy import event, select, update
 
 from app.bridge import echo_groups, echo_lean
+from app.bridge import repository as bridge_repository
+from app.bridge.echo_rows import EchoRow
 from app.db import utcnow
 from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
 from app.fleet import change_groups
 from app.fleet.models import Job, JobStage
+from app.fleet.service import JobSpec
 from app.main import Runtime
 from app.tracker.models import ItemStatus
 from tests.conftest import PG_DSN
@@ -103,6 +106,14 @@ async def wait_for_a_lock_wait(probe: asyncpg.Connection, database: str) -> None
     while await probe.fetchval(LOCK_WAITS, database) == 0:
         assert asyncio.get_running_loop().time() < deadline, "nothing ever waited"
         await asyncio.sleep(0.01)
+
+
+async def submit_unlinked(rt: Runtime) -> Job:
+    """A job of the product with no tracker item."""
+    async with rt.services.db.unit_of_work() as session:
+        result = await rt.services.fleet.submit_job(
+            session, PRODUCT, JobSpec(title="no item", body_md="no item"))
+    return result.job
 
 
 @pytest.fixture
@@ -307,3 +318,26 @@ async def test_concurrent_end_echoes_of_a_product_commit_in_one_batch(side: Any)
     assert (seqs[items[0].id][0], seqs[items[3].id][0]) == (before + 1, before + 7)
     assert await last_seq(probe) == before + 8
     assert await rt.loops.sweep_echoes_once() == 0
+
+
+async def test_reads_pending_at_once_share_one_round_trip(side: Any) -> None:
+    """While one echo's read is in flight, the next ones queue and then run together
+    (one fetchmany); each gets exactly its own row, as the read alone gives it."""
+    rt, _, _, _ = side
+    items = [await create(rt, f"item {n}") for n in range(3)]
+    jobs = [await ingest(rt, item.id) for item in items]
+    plain = await submit_unlinked(rt)
+    engine = rt.services.db.engine
+    asked = [(PRODUCT, job.id) for job in jobs] + [(PRODUCT, plain.id), ("globex", jobs[0].id)]
+    stats = echo_groups.STATS
+    batches, batched = stats.read_batches, stats.reads_batched
+
+    with statements(rt) as sent:
+        got = await asyncio.gather(*(echo_groups.read(engine, echo_lean._READ, product, job_id)
+                                     for product, job_id in asked))
+
+    assert (stats.read_batches, stats.reads_batched) == (batches + 1, batched + 4)
+    assert len(sent) == 2  # the first read alone, then the four that queued meanwhile
+    alone = await bridge_repository.echo_rows_unlocked(engine, PRODUCT, [j.id for j in jobs])
+    assert [[EchoRow(*row) for row in rows] for rows in got] == [
+        [row] for row in alone] + [[], []]  # no item; not that product's job
