@@ -173,6 +173,9 @@ async def _together(engine: AsyncEngine, batch: list[_EchoWrite]) -> None:
 # -- the unlocked reads ------------------------------------------------------------
 
 
+_READS: dict[tuple[Any, ...], Flight[_EchoRead]] = {}
+
+
 async def read(engine: AsyncEngine, statement: PgStatement, product_id: str,
                job_id: int) -> Rows:
     """The rows of the echo's read without locks (`statement`: product id and job id
@@ -180,17 +183,34 @@ async def read(engine: AsyncEngine, statement: PgStatement, product_id: str,
     alone when no read is in flight in this process, else with the reads that queued
     meanwhile, in ONE round trip (`fetch_many`; several statements that lock
     nothing, in one implicit transaction).  Each read still sees only committed
-    data, as of its own statement; nothing is written, so a batch holds no lock.
-    Store errors leave as the driver's (a batch that fails fails each of its reads:
-    they decide nothing, and the echo is handled as failed)."""
+    data, as of its own statement; nothing is written, so a batch holds no lock, and
+    a caller cancelled meanwhile leaves nothing behind (unlike `in_flight`'s
+    changes, a read needs no task of its own).  Store errors leave as the driver's
+    (a batch that fails fails each of its reads: they decide nothing, and the echo
+    is handled as failed)."""
     params = {"product_id": product_id, "job_id": job_id}
-    request = _EchoRead(statement=statement, params=params)
-    rows: Rows | None = await in_flight(
-        LoneUnit(engine), (engine, "", statement, "echo-read"), request, run=_run_reads,
-        alone=lambda driver: statement.fetch(driver, engine.dialect, params,
-                                             engine.sync_engine),
-        transaction=False, then=lambda rows: rows)
-    return rows or []
+    key = (engine, statement)
+    flight = _READS.get(key)
+    if flight is None:
+        flight = _READS[key] = Flight(_run_reads, engine, name="pg-echo-read-group")
+    try:
+        if flight.idle():
+            flight.alone = done = asyncio.Event()
+            try:
+                return await on_driver(
+                    engine, lambda driver: statement.fetch(driver, engine.dialect, params,
+                                                           engine.sync_engine),
+                    transaction=False) or []
+            finally:
+                flight.alone = None
+                done.set()
+        request = _EchoRead(statement=statement, params=params)
+        await flight.group.submit(request)
+        rows: Rows = request.served()
+        return rows
+    finally:
+        if flight.idle() and _READS.get(key) is flight:
+            del _READS[key]
 
 
 async def _run_reads(flight: Flight[_EchoRead], take: Take[_EchoRead]) -> None:

@@ -255,24 +255,29 @@ async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
     """Echo job `job_id` of `product_id` at its current stage (see the module
     docstring) on pooled connections' drivers, with no session: the read, and when
     there is something to write the guarded write; once that has committed, its
-    events handed to the hub (`Database.published`), all of it to completion even
-    if the caller is cancelled meanwhile.  True when the echo is done (written, or
-    nothing to write — also for a job with no item); False when the guard matched
-    nothing, with nothing written: the caller then echoes the job under lock.  Store
-    failures leave as `StoreUnavailableError`, other errors as the driver's."""
-    return await run_to_completion(_echo_alone(db, product_id, job_id))
-
-
-async def _echo_alone(db: Database, product_id: str, job_id: int) -> bool:
+    events handed to the hub (`Database.published`) — the write and the publishing
+    to completion even if the caller is cancelled meanwhile.  True when the echo is
+    done (written, or nothing to write — also for a job with no item); False when
+    the guard matched nothing, with nothing written: the caller then echoes the job
+    under lock.  Store failures leave as `StoreUnavailableError`, other errors as
+    the driver's."""
     engine = db.engine
-
     try:
         found = await echo_groups.read(engine, _READ, product_id, job_id)
-        write = plan_write(EchoRow(*found[0])) if found else None
-        if write is None:
-            STATS.nothing += 1
-            return True
-        rows = await echo_groups.write(engine, write)
+    except Exception as exc:
+        if is_store_failure(exc):
+            raise store_unavailable(exc) from exc
+        raise
+    write = plan_write(EchoRow(*found[0])) if found else None
+    if write is None:
+        STATS.nothing += 1
+        return True
+    return await run_to_completion(_write(db, write))
+
+
+async def _write(db: Database, write: Write) -> bool:
+    try:
+        rows = await echo_groups.write(db.engine, write)
     except Exception as exc:
         if is_store_failure(exc):
             raise store_unavailable(exc) from exc
