@@ -110,6 +110,7 @@ def build_runtime(settings: Settings, *, echo_writer: ItemEchoWriter | None = No
             retry_backoff_seconds=settings.retry_backoff_seconds,
             retry_backoff_max_seconds=settings.retry_backoff_max_seconds,
             retry_backoff_jitter=settings.retry_backoff_jitter,
+            echo_reads=settings.tracker_echo,
         )
     )
     bridge = BridgeService(

@@ -64,7 +64,8 @@ from app.bridge.mapping import echo_comment, item_status_for_stage
 from app.db import JsonDocument, UTCDateTime, utcnow
 from app.events.models import EventType
 from app.events.outbox import EVENT_CHANNEL, EventRecord
-from app.fleet.statements import PgStatement
+from app.fleet.changes import EchoSeen
+from app.fleet.statements import KEYS, PgStatement
 from app.tasks import run_to_completion
 from app.tracker.models import CommentKind, ItemStatus
 from app.uow import Database, is_store_failure, store_unavailable
@@ -226,6 +227,28 @@ def plan_write(row: EchoRow) -> Write | None:
     return Write(statement, grouped, params, plan.set_status, row.item_status)
 
 
+_KEY = {key: index for index, key in enumerate(KEYS)}
+
+
+def seen_row(seen: EchoSeen) -> EchoRow:
+    """The `EchoRow` of what a stage change's statement read (`EchoSeen`)."""
+    job = seen.job
+
+    def of(key: str) -> Any:
+        return job[_KEY[key]]
+
+    return EchoRow(
+        product_id=of("product_id"), job_id=of("id"), item_id=of("tracker_item_id"),
+        item_status=ItemStatus(seen.item_status),
+        bridge_status=None if seen.bridge_status is None else ItemStatus(seen.bridge_status),
+        latest=seen.latest, stage=of("stage"), echoed_stage=of("echoed_stage"),
+        last_echoed_status=of("last_echoed_status"), echo_attempts=of("echo_attempts"),
+        echo_retry_at=of("echo_retry_at"), echo_retry_stage=of("echo_retry_stage"),
+        attempts=of("attempts"), max_attempts=of("max_attempts"),
+        started_at=of("started_at"), finished_at=of("finished_at"),
+        cost_usd=of("cost_usd"), tokens_in=of("tokens_in"), tokens_out=of("tokens_out"))
+
+
 def _value(status: ItemStatus | None) -> str | None:
     return None if status is None else status.value
 
@@ -251,7 +274,9 @@ def _events(write: Write, rows: Sequence[Sequence[Any]]) -> list[EventRecord]:
     return events
 
 
-async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
+async def echo_alone(
+    db: Database, product_id: str, job_id: int, seen: EchoSeen | None = None
+) -> bool:
     """Echo job `job_id` of `product_id` at its current stage (see the module
     docstring) on pooled connections' drivers, with no session: the read, and when
     there is something to write the guarded write; once that has committed, its
@@ -260,15 +285,23 @@ async def echo_alone(db: Database, product_id: str, job_id: int) -> bool:
     done (written, or nothing to write — also for a job with no item); False when
     the guard matched nothing, with nothing written: the caller then echoes the job
     under lock.  Store failures leave as `StoreUnavailableError`, other errors as
-    the driver's."""
-    engine = db.engine
-    try:
-        found = await echo_groups.read(engine, _READ, product_id, job_id)
-    except Exception as exc:
-        if is_store_failure(exc):
-            raise store_unavailable(exc) from exc
-        raise
-    write = plan_write(EchoRow(*found[0])) if found else None
+    the driver's.
+
+    `seen`: what the stage change's own statement read (the job as changed, its
+    item's status, bridge status and latest job; `app.fleet.changes.EchoSeen`): the
+    echo decides on it and reads nothing — the same decision the read would have
+    given as of that statement, with the guard checking it as any other read."""
+    if seen is not None:
+        row: EchoRow | None = seen_row(seen)
+    else:
+        try:
+            found = await echo_groups.read(db.engine, _READ, product_id, job_id)
+        except Exception as exc:
+            if is_store_failure(exc):
+                raise store_unavailable(exc) from exc
+            raise
+        row = EchoRow(*found[0]) if found else None
+    write = plan_write(row) if row is not None else None
     if write is None:
         STATS.nothing += 1
         return True

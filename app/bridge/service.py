@@ -167,7 +167,7 @@ class BridgeService:
         for product_id, jobs in by_product.items():
             job_ids = list(jobs)
             if lean and len(job_ids) == 1:
-                await self._echo_lean(product_id, job_ids[0])
+                await self._echo_lean(product_id, job_ids[0], records)
                 continue
             probe = [job_id for job_id, same in jobs.items() if same]
             if probe:
@@ -225,11 +225,16 @@ class BridgeService:
         except Exception as exc:
             return await self._failed(product_id, job_id, attempted, exc)
 
-    async def _echo_lean(self, product_id: str, job_id: int) -> None:
-        """PostgreSQL: one job's echo by a guarded statement (`echo_lean.echo_alone`);
-        under lock (`_echo_one`) when its guard refused; a failure as `_echo_one`'s."""
+    async def _echo_lean(
+        self, product_id: str, job_id: int, records: Sequence[EventRecord]
+    ) -> None:
+        """PostgreSQL: one job's echo by a guarded statement (`echo_lean.echo_alone`,
+        on what its stage change read when its last event carries it); under lock
+        (`_echo_one`) when its guard refused; a failure as `_echo_one`'s."""
+        seen = next((r.seen for r in reversed(records)
+                     if r.type in _JOB_EVENTS and r.entity_id == job_id), None)
         try:
-            if await echo_lean.echo_alone(self.db, product_id, job_id):
+            if await echo_lean.echo_alone(self.db, product_id, job_id, seen):
                 return
         except Exception as exc:
             await self._failed(product_id, job_id, None, exc)

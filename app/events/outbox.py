@@ -54,6 +54,9 @@ class EventRecord:
     to_state: str | None
     created_at: datetime
     payload: dict[str, Any] = field(default_factory=dict)
+    # Not part of the event: what the stage change's own statement read for the tracker
+    # echo (app.fleet.changes.EchoSeen), when it was asked to; never stored or sent.
+    seen: Any = field(default=None, compare=False, repr=False)
 
     @property
     def cursor(self) -> str:

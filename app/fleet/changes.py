@@ -17,10 +17,11 @@ Either way the record is handed to the hub with `remember_event`, as
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, String, column
+from sqlalchemy import BigInteger, Boolean, String, column
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import utcnow
@@ -47,10 +48,19 @@ from app.fleet.statements import (
 )
 from app.lone import SqliteHop, lone_unit
 
+# For the tracker echo (`echo=True`): the job's item as the statement reads it, and
+# whether the job is the item's latest (app.bridge.echo_lean decides on them).
+_ECHO_SELECT = (
+    ", items.status AS echo_item_status, items.bridge_status AS echo_bridge_status,"
+    " NOT EXISTS (SELECT 1 FROM jobs AS newer WHERE newer.tracker_item_id ="
+    " change.tracker_item_id AND newer.id > change.id) AS echo_latest"
+)
 
-def pg_with_event(change_sql: str) -> str:
+
+def pg_with_event(change_sql: str, *, echo: bool = False) -> str:
     """`change AS (<change_sql>), <event CTEs> SELECT change.*, seq, NOTIFY` —
-    `change_sql` is an UPDATE … RETURNING the job's columns and `source_stage`."""
+    `change_sql` is an UPDATE … RETURNING the job's columns and `source_stage`.
+    `echo`: the row also carries `ECHO_RESULT` (NULLs for a job with no item)."""
     payload = ("jsonb_strip_nulls(jsonb_build_object('attempts', change.attempts, "
                "'fence', change.lease_fence, 'trackerItemId', change.tracker_item_id))")
     return (
@@ -61,19 +71,40 @@ def pg_with_event(change_sql: str) -> str:
             to_state_sql="change.stage", payload_sql=payload,
         )
         + f"\nSELECT change.*, event_row.seq AS event_seq, {PG_NOTIFY_SQL} AS notified"
-        " FROM change CROSS JOIN event_row"
+        + (_ECHO_SELECT if echo else "") + " FROM change CROSS JOIN event_row"
+        + (" LEFT JOIN items ON items.id = change.tracker_item_id" if echo else "")
     )
 
 
 EVENT_RESULT = (column("source_stage", String), column("event_seq", BigInteger),
                 column("notified", String))
+ECHO_RESULT = (*EVENT_RESULT, column("echo_item_status", String),
+               column("echo_bridge_status", String), column("echo_latest", Boolean))
+_SEEN = len(COLUMNS) + len(EVENT_RESULT)
+
+
+@dataclass(frozen=True, slots=True)
+class EchoSeen:
+    """What a stage change's own statement read for the tracker echo: the job's row
+    as changed (model column order) and its item's status, bridge status and
+    whether the job is the item's latest, as of the statement.  Carried by the
+    change's event record (`EventRecord.seen`), never stored."""
+
+    job: Sequence[Any]
+    item_status: str
+    bridge_status: str | None
+    latest: bool
 
 
 def pg_changed(session: AsyncSession, row: Sequence[Any], created_at: datetime) -> Job:
-    """The job of a change-with-event row; its event remembered for the hub."""
+    """The job of a change-with-event row; its event remembered for the hub (with
+    what the row carries for the echo, `EchoSeen`, when it does)."""
     job = job_from_row(session, row)
     source, seq = JobStage(row[len(COLUMNS)]), row[len(COLUMNS) + 1]
-    remember_event(session, stage_event(job, source, seq, created_at))
+    record = stage_event(job, source, seq, created_at)
+    if len(row) > _SEEN and row[_SEEN] is not None:
+        record = replace(record, seen=EchoSeen(row[:len(COLUMNS)], *row[_SEEN:_SEEN + 3]))
+    remember_event(session, record)
     return job
 
 

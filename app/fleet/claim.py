@@ -98,11 +98,13 @@ async def assign(
 
 async def claim_job(
     session: AsyncSession, product_id: str, worker: WorkerProfile, *,
-    now: datetime | None, lease_seconds: int, aging_seconds: int,
+    now: datetime | None, lease_seconds: int, aging_seconds: int, echo: bool = False,
 ) -> Job | None:
     """The job `select_job` (DESIGN §3, aging over `aging_seconds`) picks among the
     heads, assigned to `worker` for `lease_seconds`; None when there is none.  `now`
-    None reads the database clock (PostgreSQL) or the process clock (SQLite)."""
+    None reads the database clock (PostgreSQL) or the process clock (SQLite).  `echo`
+    (PostgreSQL, one call alone): the assignment's event record carries what it read
+    of the job's tracker item for the echo (`EventRecord.seen`)."""
     lone = lone_unit(session)
     if not is_postgres(session):
         clock = now or utcnow()
@@ -132,5 +134,5 @@ async def claim_job(
                             lease_seconds=lease_seconds)
     _, heads_params = pg_claim_heads_statement(product_id, worker, now)
     claim = Claim(worker=worker, heads=heads_params, lease_seconds=lease_seconds,
-                  aging_seconds=aging_seconds)
+                  aging_seconds=aging_seconds, echo=echo)
     return await pg_claim_grouped(lone, claim, lambda done: pg_changed(session, *done))

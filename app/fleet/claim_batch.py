@@ -57,7 +57,9 @@ from app.fleet.change_groups import STATS, Flight, Request, in_flight
 from app.fleet.claim_statements import (
     HEAD_FENCE,
     PG_ASSIGN,
+    PG_ASSIGN_ECHO,
     PG_ASSIGN_IF_UNCHANGED,
+    PG_ASSIGN_IF_UNCHANGED_ECHO,
     PG_HEADS_N_RUN,
     PG_HEADS_READ_RUN,
     PG_HEADS_RUN,
@@ -84,6 +86,7 @@ class Claim(Request):
     heads: dict[str, Any]
     lease_seconds: int
     aging_seconds: int
+    echo: bool = False  # its assignment reads the job's item for the echo (EchoSeen)
 
     def profile(self) -> tuple[Any, ...]:
         """What its heads depend on besides the product: claims with the same
@@ -124,8 +127,8 @@ async def pg_claim_first(driver: Any, engine: AsyncEngine, claim: Claim) -> Assi
     params = await _choice(driver, engine, claim, PG_HEADS_READ_RUN)
     if params is None:
         return None
-    assigned = await PG_ASSIGN_IF_UNCHANGED.fetch(driver, engine.dialect, params,
-                                                  engine.sync_engine)
+    assign = PG_ASSIGN_IF_UNCHANGED_ECHO if claim.echo else PG_ASSIGN_IF_UNCHANGED
+    assigned = await assign.fetch(driver, engine.dialect, params, engine.sync_engine)
     if assigned:
         return assigned[0], params["event_created_at"]
     STATS.claims_raced += 1
@@ -139,7 +142,8 @@ async def pg_claim_alone(driver: Any, engine: AsyncEngine, claim: Claim) -> Assi
     params = await _choice(driver, engine, claim, PG_HEADS_RUN)
     if params is None:
         return None
-    assigned = await PG_ASSIGN.fetch(driver, engine.dialect, params, engine.sync_engine)
+    assign = PG_ASSIGN_ECHO if claim.echo else PG_ASSIGN
+    assigned = await assign.fetch(driver, engine.dialect, params, engine.sync_engine)
     return (assigned[0], params["event_created_at"]) if assigned else None
 
 
@@ -234,7 +238,8 @@ async def _batch(driver: Any, engine: AsyncEngine, claims: list[Claim]
         if job is not None:
             taken.add(job.id)
             chosen.append((claim, _assignment(claim, job.id, read_at)))
-    assigned = ({row[_ID]: row for row in await PG_ASSIGN.fetch_many(
+    assign = PG_ASSIGN_ECHO if any(claim.echo for claim in claims) else PG_ASSIGN
+    assigned = ({row[_ID]: row for row in await assign.fetch_many(
         driver, dialect, [params for _, params in chosen], events)} if chosen else {})
     if len(assigned) != len(chosen):  # each job was QUEUED and is held: cannot happen
         raise RuntimeError("an assignment of the batch matched nothing")

@@ -18,7 +18,7 @@ from sqlalchemy.types import Integer, TypeEngine
 
 from app.db import JsonDocument, UTCDateTime
 from app.events.outbox import EVENT_CREATED_AT
-from app.fleet.changes import EVENT_RESULT, pg_with_event
+from app.fleet.changes import ECHO_RESULT, EVENT_RESULT, pg_with_event
 from app.fleet.models import JobStage, Priority
 from app.fleet.scheduler import Candidate, WorkerProfile
 from app.fleet.statements import (
@@ -152,34 +152,49 @@ _ASSIGN_SET = """stage = 'ASSIGNED', attempts = {p}attempts + 1,
         lease_expires_at = :expires_at, not_before = NULL,
         started_at = coalesce({p}started_at, :now), updated_at = :now"""
 _ASSIGN_WHERE = "{p}product_id = :product_id AND {p}id = :job_id AND {p}stage = 'QUEUED'"
-PG_ASSIGN = PgStatement(
-    "WITH " + pg_with_event(
-        f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')}"
-        f" WHERE {_ASSIGN_WHERE.format(p='jobs.')}"
-        f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage"
-    ),
-    *EVENT_RESULT,
-    binds=(bindparam("now", type_=UTCDateTime()),
-           bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
-)
+
+
+def _pg_assign(*, echo: bool) -> PgStatement:
+    """`PG_ASSIGN`; `echo`: its row also reads the job's tracker item for the echo
+    (`app.fleet.changes.EchoSeen`, FLEET_TRACKER_ECHO on)."""
+    return PgStatement(
+        "WITH " + pg_with_event(
+            f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')}"
+            f" WHERE {_ASSIGN_WHERE.format(p='jobs.')}"
+            f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage",
+            echo=echo),
+        *(ECHO_RESULT if echo else EVENT_RESULT),
+        binds=(bindparam("now", type_=UTCDateTime()),
+               bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
+    )
+
+
+def _pg_assign_if_unchanged(*, echo: bool) -> PgStatement:
+    """`PG_ASSIGN_IF_UNCHANGED`; `echo` as for `_pg_assign`."""
+    return PgStatement(
+        "WITH locked AS (SELECT id FROM jobs WHERE product_id = :product_id AND id = :job_id"
+        " AND stage = 'QUEUED' AND lease_fence = :fence"
+        " AND (not_before IS NULL OR not_before <= :now) FOR UPDATE SKIP LOCKED), "
+        + pg_with_event(
+            f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')} FROM locked"
+            f" WHERE jobs.id = locked.id AND {_ASSIGN_WHERE.format(p='jobs.')}"
+            f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage",
+            echo=echo),
+        *(ECHO_RESULT if echo else EVENT_RESULT),
+        binds=(bindparam("now", type_=UTCDateTime()), bindparam("fence", type_=Integer()),
+               bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
+    )
+
+
+PG_ASSIGN = _pg_assign(echo=False)
+PG_ASSIGN_ECHO = _pg_assign(echo=True)
 # The assignment of a job read without a lock: only while it is still QUEUED at the
 # fence read (any claim or requeue since has raised it), eligible at `now`, and not
 # locked by another transaction (SKIP LOCKED: the statement never waits, and a job
 # another claimer is assigning is simply not assigned) — one statement, its own
 # implicit transaction.
-PG_ASSIGN_IF_UNCHANGED = PgStatement(
-    "WITH locked AS (SELECT id FROM jobs WHERE product_id = :product_id AND id = :job_id"
-    " AND stage = 'QUEUED' AND lease_fence = :fence"
-    " AND (not_before IS NULL OR not_before <= :now) FOR UPDATE SKIP LOCKED), "
-    + pg_with_event(
-        f"UPDATE jobs SET {_ASSIGN_SET.format(p='jobs.')} FROM locked"
-        f" WHERE jobs.id = locked.id AND {_ASSIGN_WHERE.format(p='jobs.')}"
-        f" RETURNING {returning('jobs.')}, CAST('QUEUED' AS VARCHAR) AS source_stage"
-    ),
-    *EVENT_RESULT,
-    binds=(bindparam("now", type_=UTCDateTime()), bindparam("fence", type_=Integer()),
-           bindparam("expires_at", type_=UTCDateTime()), EVENT_CREATED_AT),
-)
+PG_ASSIGN_IF_UNCHANGED = _pg_assign_if_unchanged(echo=False)
+PG_ASSIGN_IF_UNCHANGED_ECHO = _pg_assign_if_unchanged(echo=True)
 SQLITE_ASSIGN = sqlite_job_statement(
     f"UPDATE jobs SET {_ASSIGN_SET.format(p='')} WHERE {_ASSIGN_WHERE.format(p='')}"
     f" RETURNING {returning('')}",

@@ -53,6 +53,7 @@ from sqlalchemy.types import TypeEngine
 from app.db import UTCDateTime, utcnow
 from app.events.outbox import EVENT_CREATED_AT
 from app.fleet.changes import (
+    ECHO_RESULT,
     EVENT_RESULT,
     pg_change,
     pg_job_change,
@@ -158,14 +159,16 @@ def _any_move() -> str:
 
 
 def _pg_fenced_change(
-    set_sql: str, sources: Sequence[JobStage] | str, types: Mapping[str, TypeEngine[Any]]
+    set_sql: str, sources: Sequence[JobStage] | str, types: Mapping[str, TypeEngine[Any]],
+    *, echo: bool = False,
 ) -> tuple[PgStatement, PgStatement]:
     """PostgreSQL: lock the job, apply `set_sql` if the lease is held, append the
     event and NOTIFY — one statement.  `locked` takes the row lock first (waiting for
     a concurrent writer, as `SELECT … FOR UPDATE` does) and gives the stage the job
     had, the event's `from`.  With it, its variant for a batch
     (app.fleet.change_groups), which skips a job another transaction holds locked
-    instead of waiting for it."""
+    instead of waiting for it.  `echo`: the row also reads the job's tracker item for
+    the echo (`app.fleet.changes.EchoSeen`)."""
 
     def statement(lock: str) -> PgStatement:
         change = (
@@ -177,8 +180,8 @@ def _pg_fenced_change(
             "WITH clock AS MATERIALIZED (SELECT clock_timestamp() AS now), "
             "locked AS (SELECT id, stage FROM jobs"
             f" WHERE product_id = :product_id AND id = :job_id {lock}), "
-            + pg_with_event(change),
-            *EVENT_RESULT,
+            + pg_with_event(change, echo=echo),
+            *(ECHO_RESULT if echo else EVENT_RESULT),
             binds=(*(bindparam(name, type_=type_) for name, type_ in types.items()),
                    EVENT_CREATED_AT),
         )
@@ -209,6 +212,10 @@ FAST_TARGETS = tuple(stage for stage in JobStage if _sources(stage))
 # statement).
 _PG_TRANSITION = _pg_fenced_change(_any_transition_set(), _any_move(),
                                    {**_TRANSITION_TYPES, "to": String()})
+# FLEET_TRACKER_ECHO on: the same, reading the job's item too (app.bridge.echo_lean
+# decides the echo on it instead of reading again after the commit).
+_PG_TRANSITION_ECHO = _pg_fenced_change(_any_transition_set(), _any_move(),
+                                        {**_TRANSITION_TYPES, "to": String()}, echo=True)
 _SQLITE_TRANSITIONS = {
     to: _sqlite_fenced_change(_transition_set(to), _sources(to), _TRANSITION_TYPES)
     for to in FAST_TARGETS
@@ -218,6 +225,7 @@ _SQLITE_TRANSITIONS = {
 async def transition(
     session: AsyncSession, product_id: str, job_id: int, fence: int, to: JobStage, *,
     cost_usd: float = 0.0, tokens_in: int = 0, tokens_out: int = 0, reason: str | None = None,
+    echo: bool = False,
 ) -> Job | None:
     """Move a held job to `to` in one conditional UPDATE (DESIGN §2, §4): the fence,
     the source stage (the graph of app.fleet.stages) and the unexpired lease are in
@@ -229,6 +237,9 @@ async def transition(
     Returns the job as changed, with its stage-change event appended, or None when
     the UPDATE matched nothing: the job is missing, its lease is not held by
     `fence`, or the move leaves the graph — the caller finds out which.
+
+    `echo` (PostgreSQL, FLEET_TRACKER_ECHO on): the event record also carries what the
+    statement read of the job's tracker item (`EventRecord.seen`).
     """
     if to not in FAST_TARGETS:
         return None
@@ -238,7 +249,7 @@ async def transition(
         "budget_tolerance": BUDGET_TOLERANCE_USD, "budget_reason": BUDGET_EXCEEDED_REASON,
     }
     if is_postgres(session):
-        alone, grouped = _PG_TRANSITION
+        alone, grouped = _PG_TRANSITION_ECHO if echo else _PG_TRANSITION
         return await pg_change(session, alone, {**params, "to": to.value}, grouped=grouped)
     return await sqlite_change(session, _SQLITE_TRANSITIONS[to], params)
 

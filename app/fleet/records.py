@@ -22,6 +22,9 @@ class FleetPolicy:
     retry_backoff_max_seconds: float = 3_600.0
     # The random fraction of each backoff (0 none, 0.5 equal jitter, 1 full jitter).
     retry_backoff_jitter: float = 0.5
+    # PostgreSQL: a transition's statement also reads its tracker item for the echo
+    # (FLEET_TRACKER_ECHO on; app.fleet.changes.EchoSeen).
+    echo_reads: bool = False
 
 
 @dataclass(frozen=True, slots=True)

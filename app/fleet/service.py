@@ -186,7 +186,8 @@ class FleetService:
         if self.candidates is None:
             return await cycle.claim_job(session, product_id, worker, now=now,
                                          lease_seconds=seconds,
-                                         aging_seconds=self.policy.aging_seconds)
+                                         aging_seconds=self.policy.aging_seconds,
+                                         echo=self.policy.echo_reads)
         now = now or await self._clock(session)
         heads = [repository.to_candidate(job)
                  for job in await self.candidates(session, product_id, worker, now)]
@@ -238,7 +239,7 @@ class FleetService:
             moved = await cycle.transition(
                 session, product_id, job_id, fence, to, cost_usd=delta.cost_usd,
                 tokens_in=delta.tokens_in, tokens_out=delta.tokens_out, reason=reason,
-            )
+                echo=self.policy.echo_reads)
             if moved is not None:
                 return moved
         now = await self._clock(session)

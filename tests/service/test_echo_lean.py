@@ -32,13 +32,14 @@ from app.events.models import Event, EventType
 from app.events.outbox import EventRecord
 from app.fleet import change_groups
 from app.fleet.models import Job, JobStage
-from app.fleet.service import JobSpec
+from app.fleet.service import JobSpec, MetricsDelta
 from app.main import Runtime
 from app.tracker.models import ItemStatus
 from tests.conftest import PG_DSN
 from tests.service.test_echo import (
     DEADLINE,
     PRODUCT,
+    WORKER,
     claim,
     create,
     echo_record,
@@ -48,6 +49,7 @@ from tests.service.test_echo import (
     notes,
     start,
     status_of,
+    submit_for,
 )
 
 __all__ = ["start"]  # the fixture, shared with tests/service/test_echo.py
@@ -131,7 +133,9 @@ async def side(start: Any) -> Any:
         await probe.close()
 
 
-async def test_the_end_is_echoed_by_one_read_and_one_guarded_write(side: Any) -> None:
+async def test_the_end_is_echoed_by_one_guarded_write_on_what_the_transition_read(
+    side: Any,
+) -> None:
     rt, _, probe, _ = side
     item = await create(rt)
     job = await ingest(rt, item.id)
@@ -143,12 +147,11 @@ async def test_the_end_is_echoed_by_one_read_and_one_guarded_write(side: Any) ->
     with statements(rt) as sent:
         await move(rt, held, JobStage.SHIPPED)
 
-    echo = sent[1:]  # after the transition's own statement
-    assert len(echo) == 2, sent
-    assert echo[0].startswith("SELECT")
-    assert "FOR UPDATE" not in echo[0]
-    assert echo[1].startswith("WITH guard AS (SELECT")
-    assert "FOR UPDATE OF items, jobs" in echo[1]
+    transition, *echo = sent  # the transition's statement reads the item for the echo
+    assert "LEFT JOIN items ON items.id = change.tracker_item_id" in transition
+    assert len(echo) == 1, sent  # nothing read again: the guarded write alone
+    assert echo[0].startswith("WITH guard AS (SELECT")
+    assert "FOR UPDATE OF items, jobs" in echo[0]
     assert echo_lean.STATS.written == written + 1
     assert await status_of(rt, item.id) == ItemStatus.DONE
     assert [n.body.count("is SHIPPED; item set to DONE") for n in await notes(rt, item.id)] == [
@@ -341,3 +344,73 @@ async def test_reads_pending_at_once_share_one_round_trip(side: Any) -> None:
     alone = await bridge_repository.echo_rows_unlocked(engine, PRODUCT, [j.id for j in jobs])
     assert [[EchoRow(*row) for row in rows] for rows in got] == [
         [row] for row in alone] + [[], []]  # no item; not that product's job
+
+
+async def test_with_the_echo_off_a_transition_reads_no_item(start: Any) -> None:
+    rt: Runtime = await start(tracker_echo=False)
+    item = await create(rt)
+    await ingest(rt, item.id)
+    held = await claim(rt)
+    with statements(rt) as sent:
+        await move(rt, held, JobStage.BUILDING)
+    assert len(sent) == 1
+    assert "items" not in sent[0]
+
+
+async def test_what_the_transition_read_is_what_the_echos_read_gives(side: Any) -> None:
+    """`seen_row` of the transition's row equals the echo's own read right after the
+    commit: the same values, converted the same way (enums, UTC datetimes, floats,
+    NULLs), for the latest job and for an older one."""
+    rt, _, _, _ = side
+    item = await create(rt)
+    older = await ingest(rt, item.id)
+    held = await claim(rt)
+    records: list[EventRecord] = []
+
+    async def keep(committed: Sequence[EventRecord]) -> None:
+        records.extend(committed)
+
+    rt.services.db.after_commit = keep
+    hook, rt.services.db.on_commit = rt.services.db.on_commit, None  # no echo meanwhile
+    await move(rt, held, JobStage.BUILDING)
+    await submit_for(rt, item.id, "a newer job")  # `older` is no longer the latest
+    await move(rt, held, JobStage.SHIPPED,
+               metrics=MetricsDelta(cost_usd=0.125, tokens_in=7, tokens_out=3))
+    rt.services.db.on_commit = hook
+
+    seen = [r.seen for r in records if r.type == EventType.JOB_STAGE_CHANGED]
+    assert len(seen) == 2
+    assert all(s is not None for s in seen)
+    [read] = await bridge_repository.echo_rows_unlocked(rt.services.db.engine, PRODUCT,
+                                                        [older.id])
+    last = echo_lean.seen_row(seen[-1])
+    assert last == read
+    assert (last.latest, last.stage, last.cost_usd, last.tokens_out) == (
+        False, JobStage.SHIPPED, 0.125, 3)
+    assert last.finished_at is not None
+    assert last.finished_at.utcoffset() == timedelta(0)
+    assert echo_lean.seen_row(seen[0]).latest is True
+
+
+async def test_a_claim_and_a_move_the_item_shows_send_nothing_for_their_echo(
+    side: Any,
+) -> None:
+    """Their statements read the item for the echo, which then finds nothing to write
+    and sends nothing at all."""
+    rt, _, _, _ = side
+    item = await create(rt)
+    job = await ingest(rt, item.id)
+    recorded = await echo_record(rt, job.id)
+    nothing = echo_lean.STATS.nothing
+    with statements(rt) as sent:
+        async with rt.services.db.unit_of_work(one_call=True) as session:
+            held = await rt.services.fleet.claim_next_job(session, PRODUCT, WORKER)
+        assert held is not None
+        async with rt.services.db.unit_of_work(one_call=True) as session:
+            await rt.services.fleet.transition_job(
+                session, PRODUCT, held.id, held.lease_fence, JobStage.BUILDING)
+    assert echo_lean.STATS.nothing == nothing + 2
+    assert all("LEFT JOIN items ON items.id = change.tracker_item_id" in statement
+               for statement in sent if "INSERT INTO events" in statement)
+    assert not [s for s in sent if "FROM jobs JOIN items" in s or s.startswith("WITH guard")]
+    assert await echo_record(rt, job.id) == recorded
