@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -26,11 +26,18 @@ from app.bridge.mapping import (
     decide_echo,
     echo_comment,
     item_status_for_stage,
+    same_status_move,
 )
 from app.db import utcnow
 from app.errors import FleetError
+from app.events.models import EventType
+from app.events.outbox import EventRecord
 from app.fleet.models import JobStage
+from app.fleet.statements import KEYS
 from app.tracker.models import CommentKind, ItemStatus
+
+if TYPE_CHECKING:
+    from app.fleet.changes import EchoSeen
 
 SYSTEM_AUTHOR = "fleetbridge"
 
@@ -192,3 +199,69 @@ def echo_error(exc: Exception) -> str:
     else:
         kind = "an unexpected error"
     return f"the item could not be updated ({kind}); the echo will be retried"
+
+
+_KEY = {key: index for index, key in enumerate(KEYS)}
+
+
+def seen_row(seen: EchoSeen) -> EchoRow:
+    """The `EchoRow` of what a stage change's statement read (`EchoSeen`)."""
+    job = seen.job
+
+    def of(key: str) -> Any:
+        return job[_KEY[key]]
+
+    return EchoRow(
+        product_id=of("product_id"), job_id=of("id"), item_id=of("tracker_item_id"),
+        item_status=ItemStatus(seen.item_status),
+        bridge_status=None if seen.bridge_status is None else ItemStatus(seen.bridge_status),
+        latest=seen.latest, stage=of("stage"), echoed_stage=of("echoed_stage"),
+        last_echoed_status=of("last_echoed_status"), echo_attempts=of("echo_attempts"),
+        echo_retry_at=of("echo_retry_at"), echo_retry_stage=of("echo_retry_stage"),
+        attempts=of("attempts"), max_attempts=of("max_attempts"),
+        started_at=of("started_at"), finished_at=of("finished_at"),
+        cost_usd=of("cost_usd"), tokens_in=of("tokens_in"), tokens_out=of("tokens_out"))
+
+
+def nothing_to_write_seen(
+    records: Sequence[EventRecord], product_id: str, job_ids: Sequence[int]
+) -> set[int]:
+    """Of `job_ids` (jobs of `product_id`), those whose last stage change in `records`
+    carries what its own statement read of the job's item (`EventRecord.seen`,
+    FLEET_TRACKER_ECHO on) and whose echo, decided on that (`decide`), writes nothing:
+    settled without any read, as the probe's unlocked read settles them
+    (`BridgeService._nothing_to_write`, whose argument holds: nothing is written, and
+    a move the read did not see gets its own echo from its own commit)."""
+    wanted = set(job_ids)
+    last: dict[int, EchoSeen | None] = {}
+    for record in records:
+        if (record.type == EventType.JOB_STAGE_CHANGED and record.product_id == product_id
+                and record.entity_id in wanted):
+            last[record.entity_id] = record.seen
+    settled: set[int] = set()
+    for job_id, seen in last.items():
+        if seen is None:
+            continue
+        row = seen_row(seen)
+        if decide(row, row.stage, ItemSeen(row.item_status, row.bridge_status)) is None:
+            settled.add(job_id)
+    _SETTLED[0] += len(settled)
+    return settled
+
+
+_SETTLED = [0]
+
+
+def settled_count() -> int:
+    """Echoes settled by `nothing_to_write_seen` in this process (tests, diagnostics)."""
+    return _SETTLED[0]
+
+
+def same_status_event(record: EventRecord) -> bool:
+    """The event is a job's move within one item status (`mapping.same_status_move`)."""
+    if record.type != EventType.JOB_STAGE_CHANGED or not record.from_state:
+        return False
+    try:
+        return same_status_move(JobStage(record.from_state), JobStage(record.to_state or ""))
+    except ValueError:
+        return False

@@ -58,14 +58,14 @@ from sqlalchemy import BigInteger, Integer, String, bindparam, column, text
 from sqlalchemy.sql.elements import BindParameter
 
 from app.bridge import echo_groups
-from app.bridge.echo_apply import SYSTEM_AUTHOR, ItemSeen, decide, figures
+from app.bridge.echo_apply import SYSTEM_AUTHOR, ItemSeen, decide, figures, seen_row
 from app.bridge.echo_rows import PG_UNLOCKED_ROW, ROW_COLUMNS, EchoRow
 from app.bridge.mapping import echo_comment, item_status_for_stage
 from app.db import JsonDocument, UTCDateTime, utcnow
 from app.events.models import EventType
 from app.events.outbox import EVENT_CHANNEL, EventRecord
 from app.fleet.changes import EchoSeen
-from app.fleet.statements import KEYS, PgStatement
+from app.fleet.statements import PgStatement
 from app.tasks import run_to_completion
 from app.tracker.models import CommentKind, ItemStatus
 from app.uow import Database, is_store_failure, store_unavailable
@@ -225,28 +225,6 @@ def plan_write(row: EchoRow) -> Write | None:
     key = (plan.comment, plan.set_status is not None, take_back)
     statement, grouped = _WRITES[key]
     return Write(statement, grouped, params, plan.set_status, row.item_status)
-
-
-_KEY = {key: index for index, key in enumerate(KEYS)}
-
-
-def seen_row(seen: EchoSeen) -> EchoRow:
-    """The `EchoRow` of what a stage change's statement read (`EchoSeen`)."""
-    job = seen.job
-
-    def of(key: str) -> Any:
-        return job[_KEY[key]]
-
-    return EchoRow(
-        product_id=of("product_id"), job_id=of("id"), item_id=of("tracker_item_id"),
-        item_status=ItemStatus(seen.item_status),
-        bridge_status=None if seen.bridge_status is None else ItemStatus(seen.bridge_status),
-        latest=seen.latest, stage=of("stage"), echoed_stage=of("echoed_stage"),
-        last_echoed_status=of("last_echoed_status"), echo_attempts=of("echo_attempts"),
-        echo_retry_at=of("echo_retry_at"), echo_retry_stage=of("echo_retry_stage"),
-        attempts=of("attempts"), max_attempts=of("max_attempts"),
-        started_at=of("started_at"), finished_at=of("finished_at"),
-        cost_usd=of("cost_usd"), tokens_in=of("tokens_in"), tokens_out=of("tokens_out"))
 
 
 def _value(status: ItemStatus | None) -> str | None:

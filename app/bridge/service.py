@@ -32,10 +32,15 @@ from app.bridge import echo_lean, steering
 from app.bridge import repository as bridge_repository
 from app.bridge.echo_apply import EchoTarget as EchoTarget
 from app.bridge.echo_apply import ItemEchoWriter as ItemEchoWriter
-from app.bridge.echo_apply import Probe, apply_echoes, echo_error
+from app.bridge.echo_apply import (
+    Probe,
+    apply_echoes,
+    echo_error,
+    nothing_to_write_seen,
+    same_status_event,
+)
 from app.bridge.echo_apply import write_status_and_comment as write_status_and_comment
 from app.bridge.group_commit import GroupCommit, Take
-from app.bridge.mapping import same_status_move
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
 from app.db import utcnow
@@ -143,17 +148,23 @@ class BridgeService:
         move to QUEUED.
 
         The events carry the job and product, so the echo starts with its one read of
-        item and job.  The jobs of one commit (an item's cancelled jobs, a reaper pass)
-        are echoed together in one unit of work, in the commit's order — on SQLite
-        with those of the other commits whose echoes wait for the writer at the same
-        moment (`group_commit`); when that fails, each is echoed on its own, so one
-        item's failure never holds back another's echo and is retried by itself.
+        item and job — or with none: a move whose change read the item itself
+        (`EventRecord.seen`) and has nothing to write ends here.  The jobs of one
+        commit (an item's cancelled jobs, a reaper pass) are echoed together in one
+        unit of work, in the commit's order — on SQLite with those of the other commits
+        whose echoes wait for the writer at the same moment (`group_commit`); when that
+        fails, each is echoed on its own, so one item's failure never holds back
+        another's echo and is retried by itself.
         """
         by_product: dict[str, dict[int, bool]] = {}
         for r in records:
             if r.type in _JOB_EVENTS and r.payload.get("trackerItemId") is not None:
                 jobs = by_product.setdefault(r.product_id, {})
-                jobs[r.entity_id] = jobs.get(r.entity_id, True) and _same_status_move(r)
+                jobs[r.entity_id] = jobs.get(r.entity_id, True) and same_status_event(r)
+        for product_id, jobs in by_product.items():  # decided on what the change read
+            for job_id in nothing_to_write_seen(records, product_id, list(jobs)):
+                del jobs[job_id]
+        by_product = {product_id: jobs for product_id, jobs in by_product.items() if jobs}
         if not by_product:
             return
         group = None if _IN_GROUP_RUN.get() else self.group_commit
@@ -386,16 +397,6 @@ class BridgeService:
                 job.echo_retry_stage = stage or job.stage
         except Exception:
             logger.exception("could not schedule an echo retry for job %s", job_id)
-
-
-def _same_status_move(record: EventRecord) -> bool:
-    """The event is a job's move within one item status (`mapping.same_status_move`)."""
-    if record.type != EventType.JOB_STAGE_CHANGED or not record.from_state:
-        return False
-    try:
-        return same_status_move(JobStage(record.from_state), JobStage(record.to_state or ""))
-    except ValueError:
-        return False
 
 
 def _unique(requests: list[Echoes]) -> list[bridge_repository.EchoKey]:

@@ -39,6 +39,7 @@ from app.fleet.change_groups import pg_change_grouped
 from app.fleet.models import Job, JobStage
 from app.fleet.statements import (
     COLUMNS,
+    KEYS,
     PgStatement,
     SqliteStatement,
     job_from_row,
@@ -167,17 +168,28 @@ _SQLITE_UNBUMP = SqliteStatement(
     "UPDATE products SET last_event_seq = last_event_seq - 1 WHERE id = :product_id"
 )
 _SQLITE_EVENT = SqliteStatement(SQLITE_INSERT_EVENT_SQL, binds=EVENT_BIND_TYPES)
+# FLEET_TRACKER_ECHO on: the job's item as the change leaves it, under the same write
+# lock (`EchoSeen`, as the PostgreSQL statement's `_ECHO_SELECT` reads it).
+_SQLITE_ECHO_ITEM = SqliteStatement(
+    "SELECT status, bridge_status, NOT EXISTS (SELECT 1 FROM jobs AS newer"
+    " WHERE newer.tracker_item_id = :item_id AND newer.id > :job_id)"
+    " FROM items WHERE id = :item_id"
+)
+_ITEM_ID = KEYS.index("tracker_item_id")
+_JOB_ID = KEYS.index("id")
 
 
 def sqlite_change_in(
     hop: SqliteHop, statement: SqliteStatement, params: dict[str, Any],
-    source: JobStage | None,
+    source: JobStage | None, *, echo: bool = False,
 ) -> tuple[Sequence[Any], EventRecord] | None:
     """SQLite, in the driver's thread: the change and its event in three statements
     under the write lock.  With `source` None the job's current stage is read (the
     event's `from`) by the statement that bumps the sequence, which is given back
     when the change matches nothing; with `source` given the sequence is bumped after
-    the change.  `params` carries `now` and `event_created_at`."""
+    the change.  `params` carries `now` and `event_created_at`.  `echo`
+    (FLEET_TRACKER_ECHO on): the record also carries the job's item as the change
+    leaves it (`EchoSeen`), read in the same hop."""
     if source is None:
         bumped = _SQLITE_BUMP_READING_STAGE.first_of(hop, params)
         if bumped is None:  # no such product: no such job either
@@ -192,6 +204,12 @@ def sqlite_change_in(
         [[seq]] = _SQLITE_BUMP.run(hop, params)
     record = row_stage_event(row, source, seq, params["event_created_at"])
     _SQLITE_EVENT.run(hop, event_row_values(record))
+    if echo and row[_ITEM_ID] is not None:
+        item = _SQLITE_ECHO_ITEM.first_of(hop, {"item_id": row[_ITEM_ID],
+                                                "job_id": row[_JOB_ID]})
+        if item is not None:
+            record = replace(record, seen=EchoSeen(tuple(row[:len(COLUMNS)]), item[0],
+                                                   item[1], bool(item[2])))
     return row, record
 
 
@@ -205,17 +223,19 @@ def sqlite_changed(session: AsyncSession, done: tuple[Sequence[Any], EventRecord
 
 async def sqlite_change(
     session: AsyncSession, statement: SqliteStatement, params: dict[str, Any], *,
-    source: JobStage | None = None,
+    source: JobStage | None = None, echo: bool = False,
 ) -> Job | None:
     """SQLite: `sqlite_change_in` in one hop to the driver's thread — in the session's
     transaction, or, in a unit of work of this one call (`app.lone`), as a
     transaction of its own in that same hop."""
     now = utcnow()
     params = {"now": now, "event_created_at": now, **params}
+
+    def change_in(hop: SqliteHop) -> tuple[Sequence[Any], EventRecord] | None:
+        return sqlite_change_in(hop, statement, params, source, echo=echo)
+
     lone = lone_unit(session)
     if lone is not None:
-        return await lone.run_sqlite(
-            lambda hop: sqlite_change_in(hop, statement, params, source),
-            lambda done: sqlite_changed(session, done))
-    done = await sqlite_hop(session, lambda hop: sqlite_change_in(hop, statement, params, source))
+        return await lone.run_sqlite(change_in, lambda done: sqlite_changed(session, done))
+    done = await sqlite_hop(session, change_in)
     return None if done is None else sqlite_changed(session, done)

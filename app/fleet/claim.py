@@ -103,8 +103,8 @@ async def claim_job(
     """The job `select_job` (DESIGN §3, aging over `aging_seconds`) picks among the
     heads, assigned to `worker` for `lease_seconds`; None when there is none.  `now`
     None reads the database clock (PostgreSQL) or the process clock (SQLite).  `echo`
-    (PostgreSQL, one call alone): the assignment's event record carries what it read
-    of the job's tracker item for the echo (`EventRecord.seen`)."""
+    (SQLite, or PostgreSQL in one call alone): the assignment's event record carries
+    what it read of the job's tracker item for the echo (`EventRecord.seen`)."""
     lone = lone_unit(session)
     if not is_postgres(session):
         clock = now or utcnow()
@@ -119,7 +119,7 @@ async def claim_job(
                                        lease_seconds)
             return sqlite_change_in(hop, SQLITE_ASSIGN,
                                     {**assignment, "event_created_at": utcnow()},
-                                    JobStage.QUEUED)
+                                    JobStage.QUEUED, echo=echo)
 
         if lone is not None:
             return await lone.run_sqlite(claim_in, lambda done: sqlite_changed(session, done))

@@ -238,8 +238,8 @@ async def transition(
     the UPDATE matched nothing: the job is missing, its lease is not held by
     `fence`, or the move leaves the graph — the caller finds out which.
 
-    `echo` (PostgreSQL, FLEET_TRACKER_ECHO on): the event record also carries what the
-    statement read of the job's tracker item (`EventRecord.seen`).
+    `echo` (FLEET_TRACKER_ECHO on): the event record also carries what the statement
+    (on SQLite, its hop) read of the job's tracker item (`EventRecord.seen`).
     """
     if to not in FAST_TARGETS:
         return None
@@ -251,7 +251,7 @@ async def transition(
     if is_postgres(session):
         alone, grouped = _PG_TRANSITION_ECHO if echo else _PG_TRANSITION
         return await pg_change(session, alone, {**params, "to": to.value}, grouped=grouped)
-    return await sqlite_change(session, _SQLITE_TRANSITIONS[to], params)
+    return await sqlite_change(session, _SQLITE_TRANSITIONS[to], params, echo=echo)
 
 
 # -- release --------------------------------------------------------------------

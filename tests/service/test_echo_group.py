@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -161,12 +162,15 @@ async def test_a_failure_in_a_shared_unit_of_work_holds_back_only_its_own_echo(
 
 @pytest.mark.parametrize("store", ["sqlite"])
 async def test_a_move_the_item_shows_rides_along_a_waiting_unit_of_work(start: Any) -> None:
+    """A move whose change did not read the item (`EventRecord.seen` unset: made in a
+    larger unit of work) rides along the unit of work that waits for the writer."""
     rt: Runtime = await start(tracker_echo=True)
     [shipped], _, kept = await shipped_without_echo(rt, 1)
     other = await create(rt, "other")
     job = await ingest(rt, other.id)  # QUEUED: the item goes IN_PROGRESS
     recorded = await echo_record(rt, job.id)
-    kept += await commits_without_echo(rt, [lambda: claim(rt)])  # ASSIGNED: nothing new
+    [assigned] = await commits_without_echo(rt, [lambda: claim(rt)])  # ASSIGNED: nothing new
+    kept.append([replace(record, seen=None) for record in assigned])
     bridge = rt.services.bridge
     assert bridge.probes is not None
     probes = bridge.probes.runs
@@ -182,6 +186,36 @@ async def test_a_move_the_item_shows_rides_along_a_waiting_unit_of_work(start: A
         ItemStatus.IN_PROGRESS, 1)
     assert await status_of(rt, shipped.id) == ItemStatus.DONE
     assert await rt.loops.sweep_echoes_once() == 0
+
+
+@pytest.mark.parametrize("store", ["sqlite"])
+async def test_a_move_the_item_shows_is_settled_on_what_its_change_read(start: Any) -> None:
+    """The claim's hop read the job's item (`EventRecord.seen`, FLEET_TRACKER_ECHO on):
+    its echo has nothing to write and ends at once, with no read of its own and
+    without waiting for the writer another unit of work holds."""
+    rt: Runtime = await start(tracker_echo=True)
+    [shipped], _, kept = await shipped_without_echo(rt, 1)
+    other = await create(rt, "other")
+    job = await ingest(rt, other.id)  # QUEUED: the item goes IN_PROGRESS
+    recorded = await echo_record(rt, job.id)
+    [assigned] = await commits_without_echo(rt, [lambda: claim(rt)])  # ASSIGNED: nothing new
+    assert [record.seen is not None for record in assigned] == [True]
+    bridge = rt.services.bridge
+    assert bridge.probes is not None
+    assert bridge.group_commit is not None
+    probes, commits = bridge.probes.runs, watch_commits(rt)
+
+    echoes = await echo_while_the_writer_is_held(rt, kept)  # the shipped job's: queued
+    async with rt.services.db.unit_of_work() as holder:
+        await holder.connection()  # the writer is ours again
+        await asyncio.wait_for(bridge.echo_stage_changes(assigned), DEADLINE)
+        assert bridge.group_commit.pending == 0  # it never queued for the writer
+    await asyncio.wait_for(asyncio.gather(*echoes), DEADLINE)
+
+    assert bridge.probes.runs == probes  # no read of its own
+    assert comment_events(commits) == [[shipped.id]]  # the move wrote nothing
+    assert await echo_record(rt, job.id) == recorded
+    assert await status_of(rt, other.id) == ItemStatus.IN_PROGRESS
 
 
 @pytest.mark.parametrize("store", ["sqlite"])
@@ -217,8 +251,10 @@ async def test_the_unlocked_reads_keep_one_connection_until_the_bridge_closes(
 ) -> None:
     """SQLite: the unlocked reads share a connection the bridge keeps until it is
     closed; PostgreSQL: each read checks one out and gives it back (shared, their
-    round trips would queue)."""
+    round trips would queue).  The changes here do not read the item themselves
+    (`echo_reads` off, as in a larger unit of work), so their echoes read it."""
     rt: Runtime = await start(tracker_echo=True)
+    rt.services.fleet.policy = replace(rt.services.fleet.policy, echo_reads=False)
     item = await create(rt)
     job = await ingest(rt, item.id)
     bridge = rt.services.bridge

@@ -24,7 +24,7 @@ import asyncpg
 import pytest
 from sqlalchemy import event, select, update
 
-from app.bridge import echo_groups, echo_lean
+from app.bridge import echo_apply, echo_groups, echo_lean
 from app.bridge import repository as bridge_repository
 from app.bridge.echo_rows import EchoRow
 from app.db import utcnow
@@ -383,25 +383,27 @@ async def test_what_the_transition_read_is_what_the_echos_read_gives(side: Any) 
     assert all(s is not None for s in seen)
     [read] = await bridge_repository.echo_rows_unlocked(rt.services.db.engine, PRODUCT,
                                                         [older.id])
-    last = echo_lean.seen_row(seen[-1])
+    last = echo_apply.seen_row(seen[-1])
     assert last == read
     assert (last.latest, last.stage, last.cost_usd, last.tokens_out) == (
         False, JobStage.SHIPPED, 0.125, 3)
     assert last.finished_at is not None
     assert last.finished_at.utcoffset() == timedelta(0)
-    assert echo_lean.seen_row(seen[0]).latest is True
+    assert echo_apply.seen_row(seen[0]).latest is True
 
 
 async def test_a_claim_and_a_move_the_item_shows_send_nothing_for_their_echo(
     side: Any,
 ) -> None:
     """Their statements read the item for the echo, which then finds nothing to write
-    and sends nothing at all."""
+    (decided on what they read, `echo_apply.nothing_to_write_seen`, before any echo
+    path) and sends nothing at all."""
     rt, _, _, _ = side
     item = await create(rt)
     job = await ingest(rt, item.id)
     recorded = await echo_record(rt, job.id)
     nothing = echo_lean.STATS.nothing
+    settled = echo_apply.settled_count()
     with statements(rt) as sent:
         async with rt.services.db.unit_of_work(one_call=True) as session:
             held = await rt.services.fleet.claim_next_job(session, PRODUCT, WORKER)
@@ -409,7 +411,8 @@ async def test_a_claim_and_a_move_the_item_shows_send_nothing_for_their_echo(
         async with rt.services.db.unit_of_work(one_call=True) as session:
             await rt.services.fleet.transition_job(
                 session, PRODUCT, held.id, held.lease_fence, JobStage.BUILDING)
-    assert echo_lean.STATS.nothing == nothing + 2
+    assert echo_apply.settled_count() == settled + 2
+    assert echo_lean.STATS.nothing == nothing  # settled before the lean echo
     assert all("LEFT JOIN items ON items.id = change.tracker_item_id" in statement
                for statement in sent if "INSERT INTO events" in statement)
     assert not [s for s in sent if "FROM jobs JOIN items" in s or s.startswith("WITH guard")]
