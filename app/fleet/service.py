@@ -41,6 +41,7 @@ from app.fleet.stages import (
     is_terminal,
     over_budget,
 )
+from app.lone import lone_unit
 from app.pagination import Page, decode_cursor, make_page
 from app.tracker import repository as tracker_repository
 from app.tracker.models import ItemStatus
@@ -187,7 +188,7 @@ class FleetService:
             return await cycle.claim_job(session, product_id, worker, now=now,
                                          lease_seconds=seconds,
                                          aging_seconds=self.policy.aging_seconds,
-                                         echo=self.policy.echo_reads)
+                                         echo=self._echo_reads(session))
         now = now or await self._clock(session)
         heads = [repository.to_candidate(job)
                  for job in await self.candidates(session, product_id, worker, now)]
@@ -239,7 +240,7 @@ class FleetService:
             moved = await cycle.transition(
                 session, product_id, job_id, fence, to, cost_usd=delta.cost_usd,
                 tokens_in=delta.tokens_in, tokens_out=delta.tokens_out, reason=reason,
-                echo=self.policy.echo_reads)
+                echo=self._echo_reads(session))
             if moved is not None:
                 return moved
         now = await self._clock(session)
@@ -364,6 +365,12 @@ class FleetService:
         return ReapResult(requeued=tuple(requeued), failed=tuple(failed))
 
     # -- helpers -------------------------------------------------------------
+
+    def _echo_reads(self, session: AsyncSession) -> bool:
+        """The change reads its job's item for the echo (`EventRecord.seen`): with
+        FLEET_TRACKER_ECHO on, and only as a unit of work of this one call — whose
+        commit then shows exactly what the change read."""
+        return self.policy.echo_reads and lone_unit(session) is not None
 
     @staticmethod
     async def _clock(session: AsyncSession) -> datetime:

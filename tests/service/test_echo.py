@@ -108,6 +108,22 @@ async def move(rt: Runtime, job: Job, to: JobStage, **options: Any) -> Job:
             session, PRODUCT, job.id, job.lease_fence, to, **options)
 
 
+async def lone_claim(rt: Runtime) -> Job:
+    """`claim` as the mutation makes it: a unit of work of this one call (app.lone),
+    whose change reads the job's item for the echo (`EventRecord.seen`)."""
+    async with rt.services.db.unit_of_work(one_call=True) as session:
+        job = await rt.services.fleet.claim_next_job(session, PRODUCT, WORKER)
+    assert job is not None
+    return job
+
+
+async def lone_move(rt: Runtime, job: Job, to: JobStage, **options: Any) -> Job:
+    """`move` as the mutation makes it (see `lone_claim`)."""
+    async with rt.services.db.unit_of_work(one_call=True) as session:
+        return await rt.services.fleet.transition_job(
+            session, PRODUCT, job.id, job.lease_fence, to, **options)
+
+
 async def set_status(rt: Runtime, item_id: int, status: ItemStatus) -> None:
     """A person sets the item's status (through the tracker alone)."""
     async with rt.services.db.unit_of_work() as session:

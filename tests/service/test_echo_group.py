@@ -37,6 +37,8 @@ from tests.service.test_echo import (
     echo_record,
     ingest,
     load_job,
+    lone_claim,
+    lone_move,
     move,
     notes,
     set_status,
@@ -198,7 +200,7 @@ async def test_a_move_the_item_shows_is_settled_on_what_its_change_read(start: A
     other = await create(rt, "other")
     job = await ingest(rt, other.id)  # QUEUED: the item goes IN_PROGRESS
     recorded = await echo_record(rt, job.id)
-    [assigned] = await commits_without_echo(rt, [lambda: claim(rt)])  # ASSIGNED: nothing new
+    [assigned] = await commits_without_echo(rt, [lambda: lone_claim(rt)])  # ASSIGNED
     assert [record.seen is not None for record in assigned] == [True]
     bridge = rt.services.bridge
     assert bridge.probes is not None
@@ -306,3 +308,26 @@ async def test_a_driver_error_in_the_item_write_is_sqlalchemys_and_writes_nothin
     assert await status_of(rt, item.id) == ItemStatus.TODO
     async with db.read() as session:
         assert await session.scalar(select(func.count()).select_from(Comment)) == 0
+
+
+async def test_only_a_unit_of_work_of_one_call_reads_the_item_for_the_echo(
+    start: Any, store: str,
+) -> None:
+    """A claim or a transition in a larger unit of work carries no `EventRecord.seen`:
+    another statement of that unit could still change the item before it commits, so
+    its echo reads the item for itself.  As the mutation makes them (one call), they
+    carry what they read."""
+    rt: Runtime = await start(tracker_echo=True)
+    for title in ("first", "second"):
+        await ingest(rt, (await create(rt, title)).id)
+    held: list[Job] = []
+
+    async def plain_claim() -> None:
+        held.append(await claim(rt))
+
+    plain = await commits_without_echo(rt, [
+        plain_claim, lambda: move(rt, held[0], JobStage.BUILDING)])
+    lone = await commits_without_echo(rt, [
+        lambda: lone_claim(rt), lambda: lone_move(rt, held[0], JobStage.REVIEW)])
+    assert [[record.seen is None for record in commit] for commit in plain] == [[True]] * 2
+    assert [[record.seen is not None for record in commit] for commit in lone] == [[True]] * 2

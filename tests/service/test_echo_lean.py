@@ -40,12 +40,12 @@ from tests.service.test_echo import (
     DEADLINE,
     PRODUCT,
     WORKER,
-    claim,
     create,
     echo_record,
     ingest,
     load_job,
-    move,
+    lone_claim,
+    lone_move,
     notes,
     start,
     status_of,
@@ -139,13 +139,13 @@ async def test_the_end_is_echoed_by_one_guarded_write_on_what_the_transition_rea
     rt, _, probe, _ = side
     item = await create(rt)
     job = await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     before = await last_seq(probe)
     calls = handed_over(rt)
     written = echo_lean.STATS.written
 
     with statements(rt) as sent:
-        await move(rt, held, JobStage.SHIPPED)
+        await lone_move(rt, held, JobStage.SHIPPED)
 
     transition, *echo = sent  # the transition's statement reads the item for the echo
     assert "LEFT JOIN items ON items.id = change.tracker_item_id" in transition
@@ -173,9 +173,9 @@ async def test_the_guard_locks_the_item_before_the_job(side: Any) -> None:
     rt, holder, probe, database = side
     item = await create(rt)
     await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     hook, rt.services.db.on_commit = rt.services.db.on_commit, None
-    await move(rt, held, JobStage.SHIPPED)  # not echoed: that is left to the test
+    await lone_move(rt, held, JobStage.SHIPPED)  # not echoed: that is left to the test
     rt.services.db.on_commit = hook
     transaction = holder.transaction()
     await transaction.start()
@@ -196,7 +196,7 @@ async def test_a_persons_status_set_between_read_and_write_wins(side: Any) -> No
     rt, holder, probe, database = side
     item = await create(rt)
     job = await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     before = await last_seq(probe)
     refused = echo_lean.STATS.refused
     calls = handed_over(rt)
@@ -204,7 +204,7 @@ async def test_a_persons_status_set_between_read_and_write_wins(side: Any) -> No
     await transaction.start()
     await holder.execute("SELECT 1 FROM items WHERE id = $1 FOR UPDATE", item.id)
 
-    shipping = asyncio.create_task(move(rt, held, JobStage.SHIPPED))
+    shipping = asyncio.create_task(lone_move(rt, held, JobStage.SHIPPED))
     await wait_for_a_lock_wait(probe, database)  # the guarded write waits for the item
     await holder.execute("UPDATE items SET status = 'BLOCKED' WHERE id = $1", item.id)
     await transaction.commit()
@@ -229,7 +229,7 @@ async def test_a_failed_write_leaves_nothing_and_the_sweeper_catches_up(side: An
     rt, holder, probe, _ = side
     item = await create(rt)
     job = await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     await holder.execute("""
         CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS
         $$ BEGIN RAISE EXCEPTION 'the tracker refuses comments'; END $$;
@@ -240,7 +240,7 @@ async def test_a_failed_write_leaves_nothing_and_the_sweeper_catches_up(side: An
     failures = [0]
     rt.services.bridge.on_echo_failure = lambda: failures.__setitem__(0, failures[0] + 1)
 
-    shipped = await move(rt, held, JobStage.SHIPPED)  # the transition stands
+    shipped = await lone_move(rt, held, JobStage.SHIPPED)  # the transition stands
 
     assert (shipped.stage, (await load_job(rt, job.id)).stage) == (JobStage.SHIPPED,) * 2
     assert failures == [1]
@@ -274,10 +274,10 @@ async def test_concurrent_end_echoes_of_a_product_commit_in_one_batch(side: Any)
     items = [await create(rt, f"item {n}") for n in range(4)]
     for item in items:
         await ingest(rt, item.id)
-    held = [await claim(rt) for _ in items]
+    held = [await lone_claim(rt) for _ in items]
     hook, rt.services.db.on_commit = rt.services.db.on_commit, None
     for job in held:
-        await move(rt, job, JobStage.SHIPPED)  # not echoed: that is left to the test
+        await lone_move(rt, job, JobStage.SHIPPED)  # not echoed: that is left to the test
     rt.services.db.on_commit = hook
     before = await last_seq(probe)
     calls = handed_over(rt)
@@ -350,9 +350,9 @@ async def test_with_the_echo_off_a_transition_reads_no_item(start: Any) -> None:
     rt: Runtime = await start(tracker_echo=False)
     item = await create(rt)
     await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     with statements(rt) as sent:
-        await move(rt, held, JobStage.BUILDING)
+        await lone_move(rt, held, JobStage.BUILDING)
     assert len(sent) == 1
     assert "items" not in sent[0]
 
@@ -364,7 +364,7 @@ async def test_what_the_transition_read_is_what_the_echos_read_gives(side: Any) 
     rt, _, _, _ = side
     item = await create(rt)
     older = await ingest(rt, item.id)
-    held = await claim(rt)
+    held = await lone_claim(rt)
     records: list[EventRecord] = []
 
     async def keep(committed: Sequence[EventRecord]) -> None:
@@ -372,9 +372,9 @@ async def test_what_the_transition_read_is_what_the_echos_read_gives(side: Any) 
 
     rt.services.db.after_commit = keep
     hook, rt.services.db.on_commit = rt.services.db.on_commit, None  # no echo meanwhile
-    await move(rt, held, JobStage.BUILDING)
+    await lone_move(rt, held, JobStage.BUILDING)
     await submit_for(rt, item.id, "a newer job")  # `older` is no longer the latest
-    await move(rt, held, JobStage.SHIPPED,
+    await lone_move(rt, held, JobStage.SHIPPED,
                metrics=MetricsDelta(cost_usd=0.125, tokens_in=7, tokens_out=3))
     rt.services.db.on_commit = hook
 
