@@ -42,21 +42,19 @@ nothing, so a batch of them waits for nobody and holds nothing.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.bridge.group_commit import Take
-from app.fleet.change_groups import Flight, Request, in_flight
+from app.fleet.change_groups import Flight, Request, in_flight, run_batch, split_by_job
 from app.fleet.statements import PgStatement
-from app.lone import LOST, LoneUnit, on_driver
+from app.lone import LoneUnit, on_driver
 
 if TYPE_CHECKING:
     from app.bridge.echo_lean import Write
 
-logger = logging.getLogger(__name__)
 Rows = list[tuple[Any, ...]]
 
 
@@ -111,12 +109,7 @@ async def _run(flight: Flight[_EchoWrite], take: Take[_EchoWrite]) -> None:
     then, alone or as one batch; a second write of a job already in the batch runs
     alone after it."""
     await flight.after_alone()
-    batch: list[_EchoWrite] = []
-    later: list[_EchoWrite] = []
-    jobs: set[int] = set()
-    for request in take():
-        (later if request.job_id in jobs else batch).append(request)
-        jobs.add(request.job_id)
+    batch, later = split_by_job(take(), lambda request: request.job_id)
     if len(batch) == 1:
         await _alone(flight.engine, batch[0])
     else:
@@ -142,22 +135,15 @@ async def _together(engine: AsyncEngine, batch: list[_EchoWrite]) -> None:
                                         [request.write.params for request in batch],
                                         engine.sync_engine)
 
-    try:
-        rows = await on_driver(engine, work, transaction=False) or []
-    except LOST as exc:  # may have committed: nothing runs again
-        for request in batch:
-            request.error, request.ran = exc, True
-        return
-    except Exception:  # reported by the server: nothing committed
-        logger.debug("a batch of %d echo writes failed; each runs alone", len(batch),
-                     exc_info=True)
-        STATS.failed += 1
-        await asyncio.gather(*(_alone(engine, request) for request in batch))
+    committed, rows = await run_batch(
+        engine, batch, work, transaction=False, alone=lambda request: _alone(engine, request),
+        what="echo writes", stats=STATS)
+    if not committed:
         return
     STATS.batches += 1
     STATS.batched += len(batch)
     by_job: dict[int, Rows] = {}
-    for row in rows:
+    for row in rows or ():
         by_job.setdefault(row[0], []).append(row)
     again = []
     for request in batch:

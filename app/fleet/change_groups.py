@@ -175,6 +175,41 @@ async def in_flight(
             del _FLIGHTS[key]
 
 
+def split_by_job(requests: list[Q], job_of: Callable[[Q], int]) -> tuple[list[Q], list[Q]]:
+    """`requests` (in the order they came) as a batch with one request per job, and
+    the later requests of a job already in it, which run alone after it."""
+    batch: list[Q] = []
+    later: list[Q] = []
+    jobs: set[int] = set()
+    for request in requests:
+        (later if job_of(request) in jobs else batch).append(request)
+        jobs.add(job_of(request))
+    return batch, later
+
+
+async def run_batch(
+    engine: AsyncEngine, batch: Sequence[Q], work: Work[R], *, transaction: bool,
+    alone: Callable[[Q], Awaitable[None]], what: str, stats: Any,
+) -> tuple[bool, R | None]:
+    """`work` for `batch` as one transaction on `engine`'s driver (`on_driver`):
+    (True, what it returned) once committed; else (False, None), the members already
+    answered.  A connection lost while it ran may have committed it, so nothing runs
+    again: each member fails with that error (SERVICE_UNAVAILABLE).  An error the
+    server reported committed nothing: each member runs `alone`, side by side, as it
+    would have without the group, and `stats.failed` counts the batch."""
+    try:
+        return True, await on_driver(engine, work, transaction)
+    except LOST as exc:
+        for request in batch:
+            request.error, request.ran = exc, True
+    except Exception:
+        logger.debug("a batch of %d %s failed; each runs alone", len(batch), what,
+                     exc_info=True)
+        stats.failed += 1
+        await asyncio.gather(*(alone(request) for request in batch))
+    return False, None
+
+
 async def pg_change_grouped(
     lone: LoneUnit, statement: PgStatement, grouped: PgStatement, args: dict[str, Any],
     then: Callable[[Row], T],
@@ -201,14 +236,8 @@ async def _run(flight: Flight[_Change], take: Take[_Change]) -> None:
     then, alone or as one batch; a second change of a job already in the batch runs
     alone after it."""
     await flight.after_alone()
-    changes = take()
     engine = flight.engine
-    batch: list[_Change] = []
-    later: list[_Change] = []
-    jobs: set[int] = set()
-    for change in changes:
-        (later if change.job_id in jobs else batch).append(change)
-        jobs.add(change.job_id)
+    batch, later = split_by_job(take(), lambda change: change.job_id)
     if len(batch) == 1:
         await _alone(engine, batch[0])
     else:
@@ -234,17 +263,10 @@ async def _together(engine: AsyncEngine, batch: list[_Change]) -> None:
         return await grouped.fetch_many(driver, dialect, [change.args for change in batch],
                                         engine.sync_engine)
 
-    try:
-        rows = await on_driver(engine, work, transaction=False)
-    except LOST as exc:  # may have committed: nothing runs again
-        for change in batch:
-            change.error, change.ran = exc, True
-        return
-    except Exception:  # reported by the server: nothing committed
-        logger.debug("a batch of %d changes failed; each runs alone", len(batch),
-                     exc_info=True)
-        STATS.failed += 1
-        await _each_alone(engine, batch)
+    committed, rows = await run_batch(
+        engine, batch, work, transaction=False, alone=lambda change: _alone(engine, change),
+        what="changes", stats=STATS)
+    if not committed:
         return
     STATS.batches += 1
     STATS.batched += len(batch)

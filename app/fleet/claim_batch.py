@@ -42,8 +42,6 @@ claim fails with that error (SERVICE_UNAVAILABLE).
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -53,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.bridge.group_commit import Take
 from app.db import utcnow
-from app.fleet.change_groups import STATS, Flight, Request, in_flight
+from app.fleet.change_groups import STATS, Flight, Request, in_flight, run_batch
 from app.fleet.claim_statements import (
     HEAD_FENCE,
     PG_ASSIGN,
@@ -68,9 +66,8 @@ from app.fleet.claim_statements import (
 )
 from app.fleet.scheduler import Candidate, WorkerProfile, select_job
 from app.fleet.statements import KEYS, PgStatement
-from app.lone import LOST, LoneUnit, on_driver
+from app.lone import LoneUnit, on_driver
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 Assigned = tuple[Sequence[Any], datetime]  # the assignment's row, the event's creation
 _ID = KEYS.index("id")
@@ -186,18 +183,10 @@ async def _run(flight: Flight[Claim], take: Take[Claim]) -> None:
     if len(claims) == 1:
         await _alone(engine, claims[0])
         return
-    try:
-        served = await on_driver(engine, lambda driver: _batch(driver, engine, claims),
-                                 transaction=True)
-    except LOST as exc:  # may have committed: nothing runs again
-        for claim in claims:
-            claim.error, claim.ran = exc, True
-        return
-    except Exception:  # reported by the server: rolled back
-        logger.debug("a batch of %d claims failed; each runs alone", len(claims),
-                     exc_info=True)
-        STATS.failed += 1
-        await asyncio.gather(*(_alone(engine, claim) for claim in claims))
+    committed, served = await run_batch(
+        engine, claims, lambda driver: _batch(driver, engine, claims), transaction=True,
+        alone=lambda claim: _alone(engine, claim), what="claims", stats=STATS)
+    if not committed:
         return
     STATS.claim_batches += 1
     STATS.claims_batched += len(claims)

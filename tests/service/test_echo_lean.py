@@ -15,14 +15,13 @@ held in a transaction, and the one fault is a trigger in the database.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import select, update
 
 from app.bridge import echo_apply, echo_groups, echo_lean
 from app.bridge import repository as bridge_repository
@@ -36,6 +35,7 @@ from app.fleet.service import JobSpec, MetricsDelta
 from app.main import Runtime
 from app.tracker.models import ItemStatus
 from tests.conftest import PG_DSN
+from tests.service.test_cycle import statements
 from tests.service.test_echo import (
     DEADLINE,
     PRODUCT,
@@ -56,22 +56,6 @@ __all__ = ["start"]  # the fixture, shared with tests/service/test_echo.py
 pytestmark = pytest.mark.parametrize("store", ["postgres"])
 LOCK_WAITS = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
               " AND datname = $1")
-
-
-@contextmanager
-def statements(rt: Runtime) -> Iterator[list[str]]:
-    """The SQL statements the runtime's engine sends meanwhile."""
-    sent: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        sent.append(" ".join(statement.split()))
-
-    engine = rt.services.db.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield sent
-    finally:
-        event.remove(engine, "before_cursor_execute", record)
 
 
 def handed_over(rt: Runtime) -> list[list[EventRecord]]:
