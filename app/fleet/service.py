@@ -24,7 +24,15 @@ from app.db import database_now
 from app.errors import BadUserInputError, ConflictError, NotFoundError
 from app.fleet import cycle, repository
 from app.fleet.models import Job, JobStage
-from app.fleet.moves import finish, record_stage, requeue
+from app.fleet.moves import (
+    cancel,
+    finish,
+    held_job,
+    locked_job,
+    record_stage,
+    release,
+    requeue,
+)
 from app.fleet.records import (
     FleetPolicy,
     JobSpec,
@@ -34,13 +42,7 @@ from app.fleet.records import (
     SubmitResult,
 )
 from app.fleet.scheduler import WorkerProfile, select_job
-from app.fleet.stages import (
-    ACTIVE_STAGES,
-    BUDGET_EXCEEDED_REASON,
-    can_worker_move,
-    is_terminal,
-    over_budget,
-)
+from app.fleet.stages import BUDGET_EXCEEDED_REASON, can_worker_move, is_terminal, over_budget
 from app.lone import lone_unit
 from app.pagination import Page, decode_cursor, make_page
 from app.tracker import repository as tracker_repository
@@ -210,7 +212,7 @@ class FleetService:
         if beaten is not None:
             return beaten
         now = await self._clock(session)
-        job = await self._held_job(session, product_id, job_id, fence, now)
+        job = await held_job(session, product_id, job_id, fence, now)
         job.lease_expires_at = now + timedelta(seconds=lease_seconds or self.policy.lease_seconds)
         job.updated_at = now
         await session.flush()
@@ -244,7 +246,7 @@ class FleetService:
             if moved is not None:
                 return moved
         now = await self._clock(session)
-        job = await self._held_job(session, product_id, job_id, fence, now)
+        job = await held_job(session, product_id, job_id, fence, now)
         if not can_worker_move(job.stage, to):
             raise ConflictError(f"a job may not move from {job.stage.value} to {to.value}")
         if metrics is not None:
@@ -284,16 +286,9 @@ class FleetService:
         if released is not None:
             return released
         now = await self._clock(session)
-        job = await self._held_job(session, product_id, job_id, fence, now)
+        job = await held_job(session, product_id, job_id, fence, now)
         source = job.stage
-        job.stage = JobStage.QUEUED
-        job.attempts = max(0, job.attempts - 1)
-        job.lease_fence += 1
-        job.lease_worker_id = None
-        job.lease_expires_at = None
-        job.not_before = None
-        job.failure_reason = reason
-        job.updated_at = now
+        release(job, now, reason)
         await record_stage(session, job, source)
         return job
 
@@ -302,10 +297,10 @@ class FleetService:
     async def cancel_job(
         self, session: AsyncSession, product_id: str, job_id: int, reason: str | None = None
     ) -> Job:
-        job = await self._locked_job(session, product_id, job_id)
+        job = await locked_job(session, product_id, job_id)
         if is_terminal(job.stage):
             raise ConflictError(f"job {job_id} has already ended ({job.stage.value})")
-        await self._cancel(session, job, reason, await self._clock(session))
+        await cancel(session, job, reason, await self._clock(session))
         return job
 
     async def cancel_jobs_of_item(
@@ -318,12 +313,12 @@ class FleetService:
         now = await self._clock(session)
         jobs = list(await repository.open_jobs_of_item(session, product_id, item_id))
         for job in jobs:
-            await self._cancel(session, job, reason, now)
+            await cancel(session, job, reason, now)
         return jobs
 
     async def retry_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
         """Queue a FAILED or CANCELLED job again, with a fresh allowance of attempts."""
-        job = await self._locked_job(session, product_id, job_id)
+        job = await locked_job(session, product_id, job_id)
         if job.stage not in (JobStage.FAILED, JobStage.CANCELLED):
             raise ConflictError(
                 f"only FAILED or CANCELLED jobs can be retried, not {job.stage.value}"
@@ -378,31 +373,3 @@ class FleetService:
         expiry, heartbeats, backoff (`notBefore`), aging and the reaper all use it
         (DESIGN §8).  Read once per call, so one unit of work sees one instant."""
         return await database_now(session)
-
-    async def _locked_job(self, session: AsyncSession, product_id: str, job_id: int) -> Job:
-        job = await repository.get_job(session, product_id, job_id, for_update=True)
-        if job is None:
-            raise NotFoundError("job", job_id)
-        return job
-
-    async def _held_job(
-        self, session: AsyncSession, product_id: str, job_id: int, fence: int, now: datetime
-    ) -> Job:
-        """The job, if `fence` names its current, unexpired lease; CONFLICT otherwise."""
-        job = await self._locked_job(session, product_id, job_id)
-        if job.stage not in ACTIVE_STAGES:
-            raise ConflictError(f"job {job_id} is {job.stage.value}; no lease is held on it")
-        if fence != job.lease_fence:
-            raise ConflictError(f"stale fence {fence}; the current fence is {job.lease_fence}")
-        if job.lease_expires_at is None or job.lease_expires_at <= now:
-            raise ConflictError(f"the lease on job {job_id} has expired")
-        return job
-
-    async def _cancel(
-        self, session: AsyncSession, job: Job, reason: str | None, now: datetime
-    ) -> None:
-        source = job.stage
-        job.lease_fence += 1  # whoever holds it can no longer write
-        job.failure_reason = reason
-        finish(job, JobStage.CANCELLED, now)
-        await record_stage(session, job, source)
