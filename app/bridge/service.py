@@ -26,7 +26,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.bridge import echo_lean, steering
 from app.bridge import repository as bridge_repository
@@ -40,6 +40,7 @@ from app.bridge.echo_apply import (
     same_status_event,
 )
 from app.bridge.echo_apply import write_status_and_comment as write_status_and_comment
+from app.bridge.echo_probes import ProbeReader
 from app.bridge.group_commit import GroupCommit, Take
 from app.bridge.steering import IngestOptions as IngestOptions
 from app.bridge.steering import job_spec_for_item as job_spec_for_item
@@ -97,9 +98,9 @@ class BridgeService:
         sqlite = db.dialect == "sqlite"
         self.group_commit: GroupCommit[Echoes] | None = (
             GroupCommit(self._echo_group) if sqlite else None)
+        self._probe_reader = ProbeReader(db)
         self.probes: GroupCommit[Probe] | None = (
-            GroupCommit(self._probe_group) if sqlite else None)
-        self._probe_connection: AsyncConnection | None = None
+            GroupCommit(self._probe_reader.run) if sqlite else None)
 
     async def ingest_item(
         self, session: AsyncSession, product_id: str, item_id: int, options: IngestOptions
@@ -287,44 +288,13 @@ class BridgeService:
         probe.decide(rows)
         return probe.done
 
-    async def _probe_group(self, take: Take[Probe]) -> None:
-        """A run of unlocked reads (`_nothing_to_write`): the probes pending now, then
-        those that arrived meanwhile, until none is left, on the bridge's own pooled
-        connection (checked out at the first read, given back by `aclose`, replaced
-        after a failure)."""
-        try:
-            if self._probe_connection is None:
-                self._probe_connection = await self.db.engine.connect()
-            while probes := take():
-                keys = list(dict.fromkeys(
-                    (probe.product_id, job_id) for probe in probes for job_id in probe.job_ids))
-                rows = await bridge_repository.echo_rows_unlocked_on(self._probe_connection, keys)
-                found = {(row.product_id, row.job_id): row for row in rows}
-                for probe in probes:
-                    probe.decide([found[key] for key in
-                                  ((probe.product_id, job_id) for job_id in probe.job_ids)
-                                  if key in found])
-        except Exception:
-            logger.info("reading the echo state of jobs failed", exc_info=True)
-            await self._drop_probe_connection(invalidate=True)
-            take()  # those still waiting are echoed as usual
-
-    async def _drop_probe_connection(self, *, invalidate: bool = False) -> None:
-        connection, self._probe_connection = self._probe_connection, None
-        if connection is None:
-            return
-        try:
-            await (connection.invalidate() if invalidate else connection.close())
-        except Exception:  # the connection is gone either way
-            logger.debug("closing the echo's read connection raised", exc_info=True)
-
     async def aclose(self) -> None:
         """Wait for the echoes under way, and give back the connection of the unlocked
         reads (the runtime's stop)."""
         for group in (self.group_commit, self.probes):
             if group is not None:
                 await group.idle()
-        await self._drop_probe_connection()
+        await self._probe_reader.drop_connection()
 
     async def _echo_together(self, product_id: str, job_ids: list[int]) -> bool:
         """The current stages of `job_ids` (one commit's, in its order) echoed in one
