@@ -65,6 +65,21 @@ async def seed_jobs(db: Database, count: int, product: str = PRODUCT) -> None:
             await session.execute(insert(Job), rows)
 
 
+async def settle(db: Database) -> None:
+    """The database as one that has stood a while under load: on PostgreSQL
+    `VACUUM ANALYZE`, what autovacuum does within a minute of a load; on SQLite,
+    which gathers no statistics on its own, nothing.  Every part runs it between its
+    seeding and its timed stretch, for the product and its peers alike: the planner
+    plans a prepared statement differently with statistics and without (a fresh
+    table's claim statement planned anew on every run cost 0.6 ms, 0.14 once
+    analyzed; bench/RESULTS.md, 2026-11-30 20:00)."""
+    if db.engine.dialect.name != "postgresql":
+        return
+    async with db.engine.connect() as connection:
+        auto = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        await auto.exec_driver_sql("VACUUM ANALYZE")
+
+
 async def service_cycle(url: str, *, claimers: int, jobs: int, echo: bool) -> dict[str, Any]:
     """Ingest `jobs` items as jobs, then `claimers` tasks run the cycle until the queue
     is empty.  Returns ingest/s, cycles/s and CPU ms per cycle."""
@@ -88,6 +103,7 @@ async def service_cycle(url: str, *, claimers: int, jobs: int, echo: bool) -> di
             async with db.unit_of_work() as session:
                 await bridge.ingest_item(session, PRODUCT, item_id, IngestOptions())
         ingest = clock.stop()
+        await settle(db)
         done = retries = 0
 
         async def retried(step: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -155,6 +171,7 @@ async def raw_pg_cycle(url: str, *, claimers: int, jobs: int) -> dict[str, Any]:
     db = Database(create_engine(url))
     try:
         await seed_jobs(db, jobs)
+        await settle(db)
     finally:
         await db.dispose()
     pool = await asyncpg.create_pool(asyncpg_dsn(url), min_size=claimers, max_size=claimers)
@@ -255,6 +272,11 @@ async def procrastinate_cycle(url: str, *, claimers: int, jobs: int) -> dict[str
     async with app.open_async():
         await app.schema_manager.apply_schema_async()
         await cycle.batch_defer_async(*({} for _ in range(jobs)))
+        db = Database(create_engine(url))
+        try:
+            await settle(db)
+        finally:
+            await db.dispose()
         clock = Clock().start()
         await app.run_worker_async(concurrency=claimers, wait=False, listen_notify=False,
                                    install_signal_handlers=False)

@@ -65,7 +65,7 @@ def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return {"cycle_jobs": 60, "requests": 90, "concurrency": 4,
                 "small_queue": 1_000, "large_queue": 20_000, "latency_samples": 21}
-    return {"cycle_jobs": 600, "requests": 600, "concurrency": 4,
+    return {"cycle_jobs": 2_000, "requests": 1_500, "concurrency": 4,
             "small_queue": 1_000, "large_queue": 1_000_000, "latency_samples": 101}
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 from bench_claim import PRODUCT, job_rows
+from cycle import settle
 from harness import SERVED_ENV, Clock, Span
 from sqlalchemy import insert
 
@@ -55,7 +56,8 @@ def free_port() -> int:
 
 
 async def prepare(url: str, jobs: int) -> str:
-    """A worker token and `jobs` QUEUED jobs in the (migrated) database; the token."""
+    """A worker token and `jobs` QUEUED jobs in the (migrated) database, settled
+    (`cycle.settle`); the token."""
     db = Database(create_engine(url))
     try:
         async with db.unit_of_work() as session:
@@ -63,6 +65,7 @@ async def prepare(url: str, jobs: int) -> str:
         rows = job_rows(jobs, datetime.now(UTC), random.Random(jobs), PRODUCT)
         async with db.unit_of_work() as session:
             await session.execute(insert(Job), rows)
+        await settle(db)
         return secret
     finally:
         await db.dispose()
