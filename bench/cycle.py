@@ -72,7 +72,7 @@ async def settle(db: Database) -> None:
     seeding and its timed stretch, for the product and its peers alike: the planner
     plans a prepared statement differently with statistics and without (a fresh
     table's claim statement planned anew on every run cost 0.6 ms, 0.14 once
-    analyzed; bench/RESULTS.md, 2026-11-30 20:00)."""
+    analyzed; bench/RESULTS.md, 2026-11-30 19:41)."""
     if db.engine.dialect.name != "postgresql":
         return
     async with db.engine.connect() as connection:

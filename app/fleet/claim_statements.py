@@ -73,7 +73,7 @@ def _pg_heads(limit: str, *, lock: bool = True) -> TextualSelect:
     once, where four CTEs were planned one by one.  With the table analyzed (as
     autovacuum keeps it) PostgreSQL plans a prepared statement anew for each run, and
     that planning was most of the heads' cost: 0.78 → 0.39 ms per run on 2,000
-    queued jobs (bench/RESULTS.md, 2026-11-30 19:30)."""
+    queued jobs (bench/RESULTS.md, 2026-11-30 19:41)."""
     binds: list[BindParameter[Any]] = [
         bindparam("now", type_=UTCDateTime()),
         bindparam("engine_classes", type_=ARRAY(String())),
