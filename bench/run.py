@@ -143,7 +143,7 @@ async def _claim_latencies(urls: dict[str, str], queued: dict[str, int],
     checkpoint and autovacuum that follow a million-row load, other processes) falls
     on every size alike."""
     from bench_claim import PRODUCT
-    from cycle import ALL_CAPS, seed_jobs
+    from cycle import ALL_CAPS, seed_jobs, settle
 
     from app.db import create_engine
     from app.fleet.service import FleetPolicy, FleetService
@@ -153,14 +153,15 @@ async def _claim_latencies(urls: dict[str, str], queued: dict[str, int],
     try:
         for label, db in dbs.items():
             await seed_jobs(db, queued[label])
-            # settled as a queue that has stood a while: vacuumed and analyzed (what
-            # autovacuum does after a load), SQLite's WAL checkpointed into the file
-            postgres = db.engine.dialect.name == "postgresql"
-            for sql in (("VACUUM ANALYZE",) if postgres
-                        else ("ANALYZE", "PRAGMA wal_checkpoint(TRUNCATE)")):
-                async with db.engine.connect() as connection:
-                    auto = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    await auto.exec_driver_sql(sql)
+            # settled as a queue that has stood a while (`settle`: PostgreSQL vacuumed
+            # and analyzed), SQLite analyzed and its WAL checkpointed into the file
+            await settle(db)
+            if db.engine.dialect.name != "postgresql":
+                for sql in ("ANALYZE", "PRAGMA wal_checkpoint(TRUNCATE)"):
+                    async with db.engine.connect() as connection:
+                        auto = await connection.execution_options(
+                            isolation_level="AUTOCOMMIT")
+                        await auto.exec_driver_sql(sql)
         service = FleetService(FleetPolicy())
         times: dict[str, list[float]] = {label: [] for label in dbs}
         order = list(dbs)
